@@ -1,0 +1,55 @@
+# nbloop: two commands on a fresh machine.
+#   make demo   set everything up, then train the digits model in the terminal
+#   make test   set everything up, then run every test
+# VENV=/path/to/env uses another environment (its PyTorch, CPU or CUDA, is kept).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.nbloop-setup
+# Installed only where the environment has no torch. On this project's machines this is a CPU build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lab export readme docs browser check-sync clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py settings.ini
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install -q '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo: setup
+	$(BIN)/python -m nbloop.demo
+
+lab: setup
+	$(BIN)/jupyter lab --ip=127.0.0.1 --notebook-dir=nbs $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+
+export: setup
+	$(BIN)/nbdev_export
+
+# The browser check needs Debian's Chromium (playwright's own browser download is not used).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# The library must be exactly what the notebooks export.
+check-sync: setup
+	$(BIN)/nbdev_export
+	@git diff --exit-code --stat -- nbloop || { echo 'nbloop/ differs from what the notebooks export: run nbdev_export and commit'; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- nbloop)" || { git status --short -- nbloop; echo 'nbdev_export made files that are not committed'; exit 1; }
+
+test: setup browser check-sync
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+readme: setup
+	@if command -v quarto >/dev/null; then $(BIN)/nbdev_readme; \
+	else $(BIN)/python tools/readme.py; fi
+
+docs: setup
+	@if command -v quarto >/dev/null; then $(BIN)/nbdev_docs; else $(BIN)/smalldocs render; fi
+
+clean:
+	rm -rf _docs _proc _site .pytest_cache tests/artifacts
