@@ -159,8 +159,9 @@ def default_device() -> torch.device:
 
 def to_device(items: Any, device: torch.device) -> Any:
     "Move the tensors in `items` (nested tuples, lists and dicts) to `device`, asynchronously where possible."
-    if isinstance(items, torch.Tensor): return items.to(device, non_blocking=True)
-    if isinstance(items, (tuple, list)): return type(items)(to_device(o, device) for o in items)
+    if isinstance(items, torch.Tensor):
+        return items if items.device == device else items.to(device, non_blocking=True)
+    if isinstance(items, (tuple, list)): return type(items)([to_device(o, device) for o in items])
     if isinstance(items, dict): return {k: to_device(v, device) for k, v in items.items()}
     return items
 

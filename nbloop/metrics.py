@@ -172,11 +172,11 @@ class Recorder(Callback):
 
     def after_batch(self, learn):
         if learn.training:
-            self._pending.append(learn.loss.detach())
+            self._pending.append(learn.loss)          # already detached by the learner; stays on the device
             self._sizes.append(batch_size_of(learn.yb[0]))
             self.lrs.append(learn.opt.param_groups[0]['lr'])
         else:
-            self._valid.append(learn.loss.detach())
+            self._valid.append(learn.loss)
             self._valid_sizes.append(batch_size_of(learn.yb[0]))
             for m in self.metrics:
                 try: m.accumulate(learn)

@@ -20,7 +20,93 @@ if TYPE_CHECKING:
 # %% auto #0
 __all__ = ['LivePlotCallback']
 
-# %% ../nbs/04_plots.ipynb #f3a0be68
+# %% ../nbs/04_plots.ipynb #369b7255
+def _nice_ceil(x: float) -> float:
+    "The smallest of 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8 (times a power of ten) that is >= x."
+    if x <= 0: return 1.
+    e = math.floor(math.log10(x))
+    for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
+        if m * 10 ** e >= x * (1 - 1e-12): return m * 10 ** e
+    return 10 ** (e + 1)
+
+def _nice_range(values: list[float], current: tuple | None) -> tuple[float, float]:
+    "Y limits for `values`: 0..1.02 for fractions; else a round top, kept while the data fills a good part of it."
+    vals = [v for v in values if v == v and abs(v) != math.inf]
+    if not vals: return current or (0., 1.)
+    lo, hi = min(vals), max(vals)
+    if 0 <= lo and hi <= 1: return (0., 1.02)
+    if current is not None and current[0] <= lo and hi <= current[1] and hi - current[0] > 0.4 * (current[1] - current[0]):
+        return current
+    bottom = 0. if lo >= 0 else -_nice_ceil(-lo * 1.1)
+    return (bottom, _nice_ceil(hi * 1.1) if hi > 0 else 1.)
+
+class _SharedCanvas:
+    "One off-screen figure per size, reused across fits, with the backgrounds (axes, ticks, legends) it has drawn."
+    _instances: dict = {}
+    max_backgrounds = 8
+
+    @classmethod
+    def get(cls, figsize, dpi) -> _SharedCanvas:
+        key = (tuple(figsize), dpi)
+        if key not in cls._instances: cls._instances[key] = cls(figsize, dpi)
+        return cls._instances[key]
+
+    def __init__(self, figsize, dpi):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+        self.fig = Figure(figsize=figsize, dpi=dpi)
+        FigureCanvasAgg(self.fig)
+        self.fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.9, wspace=0.22)
+        self.axes = self.fig.subplots(1, 2)
+        for ax in self.axes:   # few ticks, no grid: text and grid lines are what makes a full draw slow
+            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True)); ax.yaxis.set_major_locator(MaxNLocator(5))
+        self.lines: dict = {}
+        self.backgrounds: dict = {}
+        self.current = None
+        self.full_draws = 0
+
+    def _line(self, ax_i: int, label: str, fmt: str, color: str):
+        key = (ax_i, label, fmt, color)
+        if key not in self.lines:
+            self.lines[key], = self.axes[ax_i].plot([], [], fmt, color=color, label=label, animated=True, ms=4)
+        return self.lines[key]
+
+    def frame(self, layout: tuple) -> object:
+        "Put the background for `layout` (limits and series) on the canvas, drawing it only if it is new."
+        xl, yl, xm, ym, loss, metrics = layout
+        ax, axm = self.axes
+        if layout != self.current:
+            ax.set_xlim(*xl); ax.set_ylim(*yl); axm.set_xlim(*xm); axm.set_ylim(*ym)
+        canvas = self.fig.canvas
+        if layout in self.backgrounds:
+            canvas.restore_region(self.backgrounds[layout])
+        else:
+            ax.set_xlabel('training step'); axm.set_xlabel('epoch' if metrics else 'epoch (no metrics given)')
+            ax.legend(handles=[self._line(0, *s) for s in loss], loc='upper right')
+            if metrics: axm.legend(handles=[self._line(1, *s) for s in metrics], loc='lower right')
+            elif axm.get_legend() is not None: axm.get_legend().remove()
+            canvas.draw()                                   # the one slow step: axes, ticks, text, legends
+            self.full_draws += 1
+            if len(self.backgrounds) >= self.max_backgrounds: self.backgrounds.pop(next(iter(self.backgrounds)))
+            self.backgrounds[layout] = canvas.copy_from_bbox(self.fig.bbox)
+        self.current = layout
+        return self.backgrounds[layout]
+
+    def paint(self, loss: list, metrics: list) -> bytes:
+        "Draw the curves over the background and encode the canvas as PNG."
+        from PIL import Image
+        for ax_i, series in ((0, loss), (1, metrics)):
+            for label, fmt, color, xd, yd in series:
+                line = self._line(ax_i, label, fmt, color)
+                line.set_data(xd, yd)
+                self.axes[ax_i].draw_artist(line)
+        canvas = self.fig.canvas
+        w, h = canvas.get_width_height()
+        buf = io.BytesIO()
+        Image.frombuffer('RGBA', (w, h), canvas.buffer_rgba(), 'raw', 'RGBA', 0, 1).save(buf, format='png', compress_level=1)
+        return buf.getvalue()
+
 def _in_kernel() -> bool:
     "Whether code runs in a Jupyter kernel that can show widgets."
     try:
@@ -32,6 +118,7 @@ def _in_kernel() -> bool:
 class LivePlotCallback(Callback):
     "Live loss and metric curves (ipywidgets + matplotlib), throttled to a time budget; a static image after fit."
     order = 65
+    full_draw_cost = 0.05     # seconds; updated with the measured cost of the latest full draw
 
     def __init__(self, path: str | Path | None = None, mode: str = 'auto', budget: float = 0.02,
                  min_interval: float = 1.0, figsize: tuple[float, float] = (10, 3.6), dpi: int = 80):
@@ -47,8 +134,9 @@ class LivePlotCallback(Callback):
         mode = self.mode
         if mode == 'auto': mode = 'widget' if _in_kernel() else ('offscreen' if self.path else 'none')
         self._mode = mode if is_main_process() and not learn.in_lr_find else 'none'
-        self.n_draws, self.draw_time, self._last, self._cost = 0, 0., -math.inf, 0.
-        self.widget = self._handle = self._fig = None
+        self.n_draws, self.draw_time, self._last, self._cost = 0, 0., time.perf_counter(), 0.
+        self.widget = self._handle = self._canvas = self._bg = None
+        self._ylim_loss = self._ylim_metrics = None
         if self._mode == 'none': return
         try:
             self._setup()
@@ -56,11 +144,7 @@ class LivePlotCallback(Callback):
             self._fail(e)
 
     def _setup(self):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        self._fig = Figure(figsize=self.figsize, dpi=self.dpi, layout='constrained')
-        FigureCanvasAgg(self._fig)
-        self._ax_loss, self._ax_metrics = self._fig.subplots(1, 2)
+        self._canvas = _SharedCanvas.get(self.figsize, self.dpi)
         if self._mode == 'widget':
             import ipywidgets
             from IPython.display import display
@@ -72,19 +156,21 @@ class LivePlotCallback(Callback):
         self._mode = 'none'
 
     def _interval(self) -> float:
-        return max(self.min_interval, self._cost / self.budget)
+        cost = self._cost if self.n_draws else type(self).full_draw_cost   # before the first (full) draw: its expected cost
+        return max(self.min_interval, cost / self.budget)
 
     def _maybe_draw(self, learn: Learner, force: bool = False):
         if self._mode == 'none': return
         now = time.perf_counter()
         if not force and now - self._last < self._interval(): return
         try:
-            t0 = time.perf_counter()
+            t0, full_draws = time.perf_counter(), self._canvas.full_draws
             self.png = self.render(learn)
             if self.widget is not None: self.widget.value = self.png
             cost = time.perf_counter() - t0
         except Exception as e:
             self._fail(e); return
+        if self._canvas.full_draws > full_draws: type(self).full_draw_cost = cost
         self.n_draws += 1
         self.draw_time += cost
         self._cost = cost if self.n_draws == 1 else 0.7 * self._cost + 0.3 * cost
@@ -112,21 +198,20 @@ class LivePlotCallback(Callback):
     def render(self, learn: Learner) -> bytes:
         "Draw the current curves and return them as PNG bytes. A sync point (reads the recorder's losses)."
         rec = learn.recorder
-        ax, axm = self._ax_loss, self._ax_metrics
-        ax.clear(); axm.clear()
         smoothed = rec.smoothed_losses                       # sync point
-        ax.plot(range(len(smoothed)), smoothed, color='C0', label='train (smoothed)')
-        ends = rec._epoch_ends
-        valid = [(x, r['valid_loss']) for x, r in zip(ends, rec.history) if 'valid_loss' in r]
-        if valid: ax.plot(*zip(*valid), 'o-', color='C1', label='valid')
-        ax.set_xlabel('training step'); ax.set_title('loss'); ax.legend(loc='upper right')
+        step = max(1, len(smoothed) // 2000)                  # at most ~2000 points per curve
+        xs = list(range(0, len(smoothed), step))
+        valid = [(x, r['valid_loss']) for x, r in zip(rec._epoch_ends, rec.history) if 'valid_loss' in r]
         names = sorted(rec.metric_names, key=lambda n: (n != 'accuracy', rec.metric_names.index(n)))
         epochs = [r['epoch'] for r in rec.history]
-        for i, n in enumerate(names):
-            axm.plot(epochs, [r.get(n, math.nan) for r in rec.history], 'o-', color=f'C{i + 2}', label=n)
-        axm.set_xlabel('epoch'); axm.set_title('metrics' if names else 'metrics (none given)')
-        if names: axm.legend(loc='lower right')
-        if learn.n_epochs: axm.set_xlim(-0.2, max(learn.n_epochs - 0.8, 0.2))
-        buf = io.BytesIO()
-        self._fig.savefig(buf, format='png', dpi=self.dpi)
-        return buf.getvalue()
+        loss = [('train (smoothed)', '-', 'C0', xs, [smoothed[i] for i in xs])]
+        if valid or learn.valid_dl is not None:
+            loss.append(('valid', 'o-', 'C1', [v[0] for v in valid], [v[1] for v in valid]))
+        metrics = [(n, 'o-', f'C{i + 2}', epochs, [r.get(n, math.nan) for r in rec.history]) for i, n in enumerate(names)]
+        self._ylim_loss = _nice_range([y for *_, ys in loss for y in ys], self._ylim_loss)
+        self._ylim_metrics = _nice_range([y for *_, ys in metrics for y in ys], self._ylim_metrics)
+        layout = ((0, learn.total_steps or _nice_ceil(max(len(smoothed), 1))), self._ylim_loss,
+                  (-0.3, max(learn.n_epochs, 1) - 0.7), self._ylim_metrics,
+                  tuple(s[:3] for s in loss), tuple(s[:3] for s in metrics))
+        self._bg = self._canvas.frame(layout)
+        return self._canvas.paint(loss, metrics)

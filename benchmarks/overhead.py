@@ -1,0 +1,117 @@
+"""Overhead of nbloop's Learner against a hand-written PyTorch loop, measured side by side.
+
+The job (issue 2): an MLP 32→64→10 on 16,000 random samples, batch 64, SGD, CPU, one thread, validation on
+4,000 samples with accuracy. Rounds interleave the contenders so that machine noise hits them alike; each
+reports its median ms/epoch (each run timed whole, set-up and end of fit included, divided by its epochs),
+by the wall clock and by CPU time (the process's own time: less disturbed by other work on a shared machine),
+and the script prints the ratios.
+
+Contenders:
+  plain      the hand-written loop (forward, loss, backward, step, zero_grad; validation with loss and accuracy)
+  learner    Learner with its default callbacks (Recorder, ProgressCallback) and the accuracy metric
+  liveplot   the same plus LivePlotCallback rendering to an off-screen canvas (issue 4: ≤ 2 % more than learner)
+
+Usage: python benchmarks/overhead.py [--rounds 21] [--epochs 3]
+The ratios are medians of per-round ratios (each round's runs ran back to back), which cancels the slow
+drifts of a shared machine better than a ratio of medians.
+Goal: learner/plain ≤ 1.05; liveplot/learner ≤ 1.02. Measured the same way, with their progress bars on:
+fastai 2.6×, Lightning 2.9×, ignite 1.3×.
+"""
+import argparse
+import io
+import statistics
+import time
+from contextlib import redirect_stdout
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from nbloop.learner import Learner
+from nbloop.metrics import accuracy
+from nbloop.plots import LivePlotCallback
+
+
+def data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(20_000, 32, generator=g), torch.randint(0, 10, (20_000,), generator=g)
+    train = DataLoader(TensorDataset(x[:16_000], y[:16_000]), batch_size=64, shuffle=True)
+    valid = DataLoader(TensorDataset(x[16_000:], y[16_000:]), batch_size=64)
+    return train, valid
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def plain_loop(epochs, train, valid):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(epochs):
+        model.train()
+        for xb, yb in train:
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        total, correct, n = 0., 0, 0
+        with torch.no_grad():
+            for xb, yb in valid:
+                pred = model(xb)
+                total += F.cross_entropy(pred, yb, reduction='sum')
+                correct += (pred.argmax(1) == yb).sum()
+                n += len(yb)
+        print(f'{float(total / n):.4f} {float(correct / n):.4f}')   # the epoch's results, as a loop reports them
+
+
+def learner_loop(epochs, train, valid, cbs=()):
+    learn = Learner(mlp(), train, valid, opt_func=torch.optim.SGD, lr=0.1, metrics=[accuracy], device='cpu', cbs=cbs)
+    learn.fit(epochs)
+
+
+def timed(fn, epochs):
+    "Wall-clock and CPU seconds per epoch of one whole run (set-up, every epoch, and the end of fit)."
+    with redirect_stdout(io.StringIO()):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        return (time.perf_counter() - w0) / epochs, (time.process_time() - c0) / epochs
+
+
+def quartiles(values):
+    q = statistics.quantiles(values, n=4)
+    return q[0], statistics.median(values), q[2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--rounds', type=int, default=21)
+    ap.add_argument('--epochs', type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    train, valid = data()
+    e = args.epochs
+    contenders = {'plain': lambda: plain_loop(e, train, valid),
+                  'learner': lambda: learner_loop(e, train, valid),
+                  'liveplot': lambda: learner_loop(e, train, valid, [LivePlotCallback(mode='offscreen')])}
+    for f in contenders.values(): timed(f, e)     # warm up
+    wall, cpu = {k: [] for k in contenders}, {k: [] for k in contenders}
+    for r in range(args.rounds):
+        order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
+        for k in order:
+            w, c = timed(contenders[k], e)
+            wall[k].append(w); cpu[k].append(c)
+    print(f'{args.rounds} interleaved rounds, each contender a whole run of {e} epochs per round '
+          f'(set-up and end of fit included), ms per epoch:')
+    for k in contenders:
+        lo, med, hi = quartiles([v * 1000 for v in wall[k]])
+        print(f'{k:>9}: median {med:7.1f}  (quartiles {lo:.1f} .. {hi:.1f})')
+    for a, b, goal in (('learner', 'plain', 1.05), ('liveplot', 'learner', 1.02)):
+        lo, med, hi = quartiles([x / y for x, y in zip(wall[a], wall[b])])
+        clo, cmed, chi = quartiles([x / y for x, y in zip(cpu[a], cpu[b])])
+        print(f'ratio {a}/{b}: {med:.3f} wall (quartiles {lo:.3f} .. {hi:.3f}), {cmed:.3f} CPU   goal <= {goal}')
+
+
+if __name__ == '__main__':
+    main()
