@@ -202,8 +202,10 @@ class Learner:
                         self._do_epoch(resume_epoch if epoch == position['epoch'] else None)
                 except CancelFitException: self._fire('after_cancel_fit')
                 except _Stop as stop: self.interrupted = stop.signame
-            finally:
-                self._fire('after_fit')
+            except BaseException:
+                self._cleanup_after_error()
+                raise
+            self._fire('after_fit')
             if self.interrupted is None and self._stop is not None: self.interrupted = self._stop
         if self.interrupted == 'SIGINT':
             raise KeyboardInterrupt(f'fit stopped by Ctrl-C (SIGINT) at epoch {self.epoch}, training step {self.train_iter}')
@@ -211,6 +213,15 @@ class Learner:
             print(f'nbloop: fit stopped by SIGTERM at epoch {self.epoch}, training step {self.train_iter}; exiting',
                   file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.SIGTERM)
+
+    def _cleanup_after_error(self) -> None:
+        "Run every `after_fit` handler while an error propagates; their own failures become warnings, not new errors."
+        for handler in self._dispatch.get('after_fit', ()):
+            try: handler(self)
+            except Exception as e:
+                owner = getattr(handler, '__self__', handler)
+                warnings.warn(f'{type(owner).__name__}.after_fit failed while cleaning up after an error: '
+                              f'{type(e).__name__}: {e}')
 
     def _empty_message(self, name: str) -> str:
         dl = getattr(self, name)

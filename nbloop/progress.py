@@ -121,7 +121,7 @@ class ProgressCallback(Callback):
 
     def after_fit(self, learn: Learner):
         self._in_fit = False
-        if not self.active: return
+        if not self.active or self.mbar is None: return
         if self.pbar is not None:
             if learn.interrupted or self.pbar.last_v is not None: self.pbar.on_interrupt()
             self.pbar = None

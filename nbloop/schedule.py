@@ -243,25 +243,27 @@ class LRFinder(Callback):
         n = self.stopped_at if self.stopped_at is not None else len(self.raw)
         self.lrs, self.raw = self.lrs[:n], self.raw[:n]
 
-# %% ../nbs/03_schedule.ipynb #f7d03e16
-def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    "Middle (in log-lr) of the longest decreasing stretch of `losses`."
+# %% ../nbs/03_schedule.ipynb #f03d306e
+def suggest_valley(lrs: Sequence[float], losses: Sequence[float], tol: float = 0.01) -> float:
+    "Middle (in log-lr) of the longest decreasing stretch of `losses` (each step down by more than `tol` of the range)."
     n = len(losses)
     if n == 0: return math.nan
+    eps = tol * (max(losses) - min(losses))
     length, prev = [1] * n, [-1] * n
     for i in range(n):
         for j in range(i):
-            if losses[j] > losses[i] and length[j] + 1 >= length[i]: length[i], prev[i] = length[j] + 1, j
+            if losses[j] - losses[i] > eps and length[j] + 1 >= length[i]: length[i], prev[i] = length[j] + 1, j
     end = max(range(n), key=lambda i: (length[i], -i))
     start = end
     while prev[start] != -1: start = prev[start]
     return lrs[(start + end) // 2]
 
 def suggest_steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    "The learning rate where the loss falls fastest against log(lr)."
-    if len(losses) < 2: return math.nan
-    logs = [math.log(lr) for lr in lrs]
-    slopes = [(losses[i + 1] - losses[i]) / (logs[i + 1] - logs[i]) for i in range(len(losses) - 1)]
+    "The learning rate where the loss falls fastest against log(lr), before its minimum."
+    stop = min(range(len(losses)), key=losses.__getitem__) + 1 if losses else 0
+    if stop < 2: return math.nan
+    logs = [math.log(lr) for lr in lrs[:stop]]
+    slopes = [(losses[i + 1] - losses[i]) / (logs[i + 1] - logs[i]) for i in range(stop - 1)]
     return lrs[min(range(len(slopes)), key=slopes.__getitem__)]
 
 def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
@@ -281,10 +283,11 @@ class LRFindResult:
 
     @classmethod
     def from_curve(cls, lrs: Sequence[float], raw: Sequence[float], diverged: bool = False) -> LRFindResult:
-        "Smooth the raw losses and compute every suggestion."
+        "Smooth the raw losses and compute every suggestion (skipping the first tenth: the average is still forming)."
         losses = smooth(raw)
-        sugg = {'valley': suggest_valley(lrs, losses), 'steep': suggest_steep(lrs, losses),
-                'minimum/10': suggest_minimum(lrs, losses)}
+        k = len(losses) // 10
+        l, s = list(lrs[k:]), losses[k:]
+        sugg = {'valley': suggest_valley(l, s), 'steep': suggest_steep(l, s), 'minimum/10': suggest_minimum(l, s)}
         return cls(list(lrs), losses, list(raw), sugg, diverged)
 
     @property
