@@ -49,7 +49,7 @@ readme: setup
 	else $(BIN)/python tools/readme.py; fi
 
 docs: setup
-	@if command -v quarto >/dev/null; then $(BIN)/nbdev_docs; else $(BIN)/smalldocs render; fi
+	@if command -v quarto >/dev/null; then $(BIN)/nbdev_docs; else $(BIN)/smalldocs render nbs; fi
 
 clean:
 	rm -rf _docs _proc _site .pytest_cache tests/artifacts

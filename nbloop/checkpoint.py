@@ -361,10 +361,11 @@ def resume_state(learn: Learner, resume: str | Path) -> dict | None:
     state['path'] = str(path)
     return state
 
-# %% ../nbs/06_checkpoint.ipynb #b0cd8c53
+# %% ../nbs/06_checkpoint.ipynb #8638301d
 class CheckpointCallback(Callback):
     "Write training checkpoints every few epochs/steps, keep the newest and the best, and save on interrupt."
     order = 90
+    active = False
 
     def __init__(self, dir: str | Path = 'checkpoints', every_n_epochs: int | None = 1, every_n_steps: int | None = None,
                  keep_last: int | None = 3, monitor: str = 'valid_loss', mode: str = 'min', save_best: bool = True,

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
 # %% auto #0
 __all__ = ['CSVLogger', 'TensorBoardLogger']
 
-# %% ../nbs/05_loggers.ipynb #ab2bdbca
+# %% ../nbs/05_loggers.ipynb #1d6eda2c
 class CSVLogger(Callback):
     "Write a row per training batch and a row per epoch's validation to a CSV file."
     order = 70
+    active = False
 
     def __init__(self, path: str | Path = 'history.csv', append: bool = False):
         self.path, self.append = Path(path), append
@@ -114,6 +115,13 @@ def _new_run_dir(root: Path) -> Path:
         except FileExistsError: continue
     raise RuntimeError(f'could not create a new run folder in {root}')
 
+def _wait_to_sort_last(folder: Path) -> None:
+    "Wait (under a second) until a new event file in `folder` is named after every existing one."
+    # TensorBoard reads a run's event files in name order; names start with the creation second, and a resumed
+    # run's file must come after the crashed run's so that its purge of later steps applies to them.
+    stamps = [int(p.name.split('.')[3]) for p in folder.glob('events.out.tfevents.*') if p.name.split('.')[3].isdigit()]
+    while stamps and int(time.time()) <= max(stamps): time.sleep(0.05)
+
 def _hparams(learn: Learner) -> dict:
     dl = learn.train_dl
     model = learn.model
@@ -126,6 +134,7 @@ def _hparams(learn: Learner) -> dict:
 class TensorBoardLogger(Callback):
     "Write training loss and lr per batch, validation loss and metrics per epoch, and hyper-parameters, for TensorBoard."
     order = 70
+    active = False
 
     def __init__(self, log_dir: str | Path = 'run/tensorboard/stats'):
         self.log_dir = Path(log_dir)
@@ -148,6 +157,7 @@ class TensorBoardLogger(Callback):
             root = self.log_dir if self.log_dir.is_absolute() else learn.path / self.log_dir
             self.run_dir = _new_run_dir(root)
         if which not in self.writers:
+            if self._purge is not None: _wait_to_sort_last(self.run_dir / which)
             self.writers[which] = SummaryWriter(str(self.run_dir / which), purge_step=self._purge)
             if which == 'train' and self._purge is None: self._write_hparams_start(learn)
         return self.writers[which]

@@ -118,6 +118,7 @@ def _in_kernel() -> bool:
 class LivePlotCallback(Callback):
     "Live loss and metric curves (ipywidgets + matplotlib), throttled to a time budget; a static image after fit."
     order = 65
+    _mode = 'none'
     full_draw_cost = 0.05     # seconds; updated with the measured cost of the latest full draw
 
     def __init__(self, path: str | Path | None = None, mode: str = 'auto', budget: float = 0.02,
