@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .core import Callback, get_rng_state, is_main_process
+from .core import Callback, get_rng_state, is_main_process, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -121,7 +121,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'no checkpoint at {path}')
     data = path.read_bytes()
-    if data[:2] == b'PK' or data[:1] == b'\x80':
+    # a safetensors header (after its 8-byte length) starts with '{'; a zip (torch.save) or pickle never does there
+    if data[8:9] != b'{' and (data[:2] == b'PK' or data[:1] == b'\x80'):
         raise UnsafeCheckpointError(f'{path} is a pickle file (torch.save writes those), not a safetensors checkpoint; '
                                     + _PICKLE_HINT)
     if len(data) < 8: raise CorruptCheckpointError(f'{path} is truncated: {len(data)} bytes, not even a header')
@@ -153,7 +154,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
         tensors[k] = t.reshape(shape)
     return tensors, (json.loads(meta['state']) if ours else None)
 
-# %% ../nbs/06_checkpoint.ipynb #385d82e7
+# %% ../nbs/06_checkpoint.ipynb #6d3d8136
 _MARKERS = ('__tensor__', '__ndarray__', '__tuple__', '__items__')
 
 def flatten_state(obj: Any, prefix: str = '') -> tuple[Any, dict[str, torch.Tensor]]:
@@ -194,7 +195,7 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def _hashable(k):
     return tuple(_hashable(v) for v in k) if isinstance(k, (list, tuple)) else k
 
-# %% ../nbs/06_checkpoint.ipynb #e0c71cf0
+# %% ../nbs/06_checkpoint.ipynb #7f846a9b
 def save_state(path: str | Path, state: dict) -> Path:
     "Write a nested state (tensors anywhere inside) to one checkpoint file, atomically."
     data, tensors = flatten_state(state)
@@ -206,7 +207,7 @@ def load_state(path: str | Path) -> dict:
     if data is None: return {'kind': 'weights', 'model': tensors}
     return unflatten_state(data, tensors)
 
-# %% ../nbs/06_checkpoint.ipynb #fb61d0cf
+# %% ../nbs/06_checkpoint.ipynb #210bb454
 class CheckpointMismatchError(CheckpointError):
     "A checkpoint's tensors do not match the model (or its callbacks don't match the fit)."
 
@@ -258,7 +259,7 @@ def load_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True
         if 'opt' in state: learn.opt.load_state_dict(state['opt'])
         else: warnings.warn(f'{path} holds no optimizer state (saved with with_opt=False); only the model was loaded')
 
-# %% ../nbs/06_checkpoint.ipynb #d9e247e4
+# %% ../nbs/06_checkpoint.ipynb #143e5e37
 def callback_states(learn: Learner) -> dict[str, Any]:
     "The `state_dict()` of every stateful callback, by name (a repeated name gets `_2`, `_3`, ...)."
     out = {}
@@ -316,7 +317,7 @@ def apply_callback_states(learn: Learner, state: dict) -> None:
                                           f"float16); add the same MixedPrecision callback to resume it")
         learn.scaler.load_state_dict(state['scaler'])
 
-# %% ../nbs/06_checkpoint.ipynb #21a772a6
+# %% ../nbs/06_checkpoint.ipynb #2c08429a
 _NAME = re.compile(r'^ckpt-step(\d+)-epoch(\d+)-(batch\d+|valid|end)\.safetensors$')
 _PHASE_RANK = {'batch': 0, 'valid': 1, 'end': 2}
 
@@ -361,7 +362,7 @@ def resume_state(learn: Learner, resume: str | Path) -> dict | None:
     state['path'] = str(path)
     return state
 
-# %% ../nbs/06_checkpoint.ipynb #8638301d
+# %% ../nbs/06_checkpoint.ipynb #bec1e70e
 class CheckpointCallback(Callback):
     "Write training checkpoints every few epochs/steps, keep the newest and the best, and save on interrupt."
     order = 90
@@ -454,7 +455,7 @@ class CheckpointCallback(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch = state['best'], state['best_epoch']
 
-# %% ../nbs/06_checkpoint.ipynb #515cb895
+# %% ../nbs/06_checkpoint.ipynb #abbc2376
 class Table(list):
     "A list of row dicts that displays as a table in notebooks and terminals."
     def columns(self) -> list[str]:
@@ -479,7 +480,6 @@ class Table(list):
 
 def compare_checkpoints(learn: Learner, dir: str | Path = 'checkpoints') -> tuple[Table, Figure]:
     "Evaluate every kept checkpoint on the validation set: a table (step, epoch, valid_loss, metrics) and a plot."
-    from matplotlib.figure import Figure
     folder = Path(dir) if Path(dir).is_absolute() else learn.path / dir
     paths = list_checkpoints(folder) + ([folder / 'best.safetensors'] if (folder / 'best.safetensors').exists() else [])
     if not paths: raise FileNotFoundError(f'no checkpoints in {folder}')
@@ -498,7 +498,7 @@ def compare_checkpoints(learn: Learner, dir: str | Path = 'checkpoints') -> tupl
     finally:
         learn._restore(saved)
         learn.recorder.values = values
-    fig = Figure(figsize=(6, 4), layout='constrained')
+    fig = new_figure(figsize=(6, 4), layout='constrained')
     ax = fig.subplots()
     plotted = [r for r in rows if r['file'] != 'best.safetensors']
     for k in [c for c in rows.columns() if c not in ('file', 'step', 'epoch')]:

@@ -21,7 +21,7 @@ __all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'Event', 'CancelBatchExcept
            'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'camel_to_snake', 'Callback',
            'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback', 'handlers_of', 'build_dispatch',
            'default_device', 'to_device', 'BatchError', 'describe', 'split_batch', 'get_rng_state', 'set_rng_state',
-           'get_rank', 'get_world_size', 'is_main_process']
+           'new_figure', 'get_rank', 'get_world_size', 'is_main_process']
 
 # %% ../nbs/00_core.ipynb #8cbfe84a
 class Event(str, Enum):
@@ -198,7 +198,25 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
-# %% ../nbs/00_core.ipynb #cc1ceaa0
+# %% ../nbs/00_core.ipynb #be0776d9
+_ShownFigure = None
+
+def new_figure(**kwargs: Any):
+    "A matplotlib `Figure` (outside pyplot) that displays itself as a PNG in notebooks."
+    global _ShownFigure
+    if _ShownFigure is None:
+        from matplotlib.figure import Figure
+        class ShownFigure(Figure):
+            "A Figure with a PNG representation for IPython."
+            def _repr_png_(self) -> bytes:
+                import io
+                buf = io.BytesIO()
+                self.savefig(buf, format='png', bbox_inches='tight')
+                return buf.getvalue()
+        _ShownFigure = ShownFigure
+    return _ShownFigure(**kwargs)
+
+# %% ../nbs/00_core.ipynb #c9426ba8
 def get_rank() -> int:
     "This process's rank among the training processes (0 when not distributed)."
     dist = torch.distributed

@@ -74,7 +74,7 @@ class _ReplaySampler:
         plan = self.plan
         for k in range(plan.start, len(plan.batches)):
             b = plan.batches[k]
-            yield _SeededBatch(b, (plan.seed * 1_000_003 + k) % 2**63) if plan.seed is not None else b
+            yield _SeededBatch(b, (plan.seed * 1_000_003 + k) % 2**63) if plan.seed is not None and isinstance(b, list) else b
 
 # %% ../nbs/08_data.ipynb #b4751aac
 _LOADER_ARGS = ('num_workers', 'collate_fn', 'pin_memory', 'timeout', 'worker_init_fn', 'multiprocessing_context',

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Callback, camel_to_snake, describe, is_main_process
+from .core import Callback, camel_to_snake, describe, is_main_process, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -107,11 +107,14 @@ class MatthewsCorrCoef(Metric):
     def update(self, pred, targ):
         pc = predicted_class(pred, targ).reshape(-1)
         n = self.num_classes or (2 if pred.shape == targ.shape or pred.shape[-1] == 1 else pred.shape[-1])
-        counts = torch.bincount(targ.reshape(-1).long() * n + pc, minlength=n * n)[: n * n].reshape(n, n)
-        self.confusion = counts if self.confusion is None else self.confusion + counts
+        idx = targ.reshape(-1).long() * n + pc
+        # index_add_ into a fixed-size tensor: unlike bincount, it needs no device sync to size its output
+        if self.confusion is None: self.confusion = torch.zeros(n * n, dtype=torch.int64, device=pred.device)
+        self.confusion.index_add_(0, idx, torch.ones_like(idx))
     def compute(self) -> float:
         if self.confusion is None: return math.nan
-        cm = self.confusion.double()  # sync point: once per epoch
+        n = int(round(self.confusion.numel() ** 0.5))
+        cm = self.confusion.reshape(n, n).double()  # sync point (below): once per epoch
         t, p = cm.sum(1), cm.sum(0)
         c, s = cm.trace(), cm.sum()
         denom = ((s * s - (p * p).sum()) * (s * s - (t * t).sum())).sqrt()
@@ -314,8 +317,7 @@ class Recorder(Callback):
         return fig
 
 def _figure(ncols: int = 1, width: float = 6, height: float = 4):
-    "A matplotlib Figure not registered with pyplot (so it is shown once, where it is returned)."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width * min(ncols, 3) if ncols > 1 else width, height), layout='constrained')
+    "A figure (see `new_figure`) with `ncols` axes side by side."
+    fig = new_figure(figsize=(width * min(ncols, 3) if ncols > 1 else width, height), layout='constrained')
     axs = fig.subplots(1, ncols)
     return fig, axs

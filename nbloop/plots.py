@@ -64,7 +64,7 @@ class _SharedCanvas:
         self.lines: dict = {}
         self.backgrounds: dict = {}
         self.current = None
-        self.full_draws = 0
+        self.full_draws, self.full_draw_time = 0, 0.
 
     def _line(self, ax_i: int, label: str, fmt: str, color: str):
         key = (ax_i, label, fmt, color)
@@ -86,8 +86,10 @@ class _SharedCanvas:
             ax.legend(handles=[self._line(0, *s) for s in loss], loc='upper right')
             if metrics: axm.legend(handles=[self._line(1, *s) for s in metrics], loc='lower right')
             elif axm.get_legend() is not None: axm.get_legend().remove()
+            t0 = time.perf_counter()
             canvas.draw()                                   # the one slow step: axes, ticks, text, legends
             self.full_draws += 1
+            self.full_draw_time += time.perf_counter() - t0
             if len(self.backgrounds) >= self.max_backgrounds: self.backgrounds.pop(next(iter(self.backgrounds)))
             self.backgrounds[layout] = canvas.copy_from_bbox(self.fig.bbox)
         self.current = layout
@@ -119,7 +121,8 @@ class LivePlotCallback(Callback):
     "Live loss and metric curves (ipywidgets + matplotlib), throttled to a time budget; a static image after fit."
     order = 65
     _mode = 'none'
-    full_draw_cost = 0.05     # seconds; updated with the measured cost of the latest full draw
+    full_draw_cost = 0.05     # seconds: the cheapest full draw (axes, ticks, text) seen in this process
+    update_cost = 0.01        # seconds: the latest estimate of an update (curves over a saved background, PNG)
 
     def __init__(self, path: str | Path | None = None, mode: str = 'auto', budget: float = 0.02,
                  min_interval: float = 1.0, figsize: tuple[float, float] = (10, 3.6), dpi: int = 80):
@@ -157,7 +160,10 @@ class LivePlotCallback(Callback):
         self._mode = 'none'
 
     def _interval(self) -> float:
-        cost = self._cost if self.n_draws else type(self).full_draw_cost   # before the first (full) draw: its expected cost
+        if self.n_draws: cost = self._cost
+        else:   # before this fit's first draw: what it is expected to cost, a full draw unless one is cached
+            cached = self._canvas is not None and self._canvas.backgrounds
+            cost = type(self).update_cost if cached else type(self).full_draw_cost
         return max(self.min_interval, cost / self.budget)
 
     def _maybe_draw(self, learn: Learner, force: bool = False):
@@ -165,16 +171,19 @@ class LivePlotCallback(Callback):
         now = time.perf_counter()
         if not force and now - self._last < self._interval(): return
         try:
-            t0, full_draws = time.perf_counter(), self._canvas.full_draws
+            t0, full0 = time.perf_counter(), self._canvas.full_draw_time
             self.png = self.render(learn)
             if self.widget is not None: self.widget.value = self.png
             cost = time.perf_counter() - t0
         except Exception as e:
             self._fail(e); return
-        if self._canvas.full_draws > full_draws: type(self).full_draw_cost = cost
+        full = self._canvas.full_draw_time - full0          # time spent drawing axes and text, if it had to
+        if full: type(self).full_draw_cost = min(type(self).full_draw_cost, full) if self._canvas.full_draws > 1 else full
+        update = cost - full
         self.n_draws += 1
         self.draw_time += cost
-        self._cost = cost if self.n_draws == 1 else 0.7 * self._cost + 0.3 * cost
+        self._cost = update if self.n_draws == 1 else 0.7 * self._cost + 0.3 * update
+        type(self).update_cost = self._cost
         self._last = time.perf_counter()
 
     def after_batch(self, learn: Learner):

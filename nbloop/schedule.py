@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import CancelFitException, CancelValidateException, Callback
+from .core import CancelFitException, CancelValidateException, Callback, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -297,8 +297,7 @@ class LRFindResult:
 
     def plot(self, skip_end: int = 0) -> Figure:
         "Smoothed loss against the learning rate (log scale), with each suggestion marked."
-        from matplotlib.figure import Figure
-        fig = Figure(figsize=(6, 4), layout='constrained')
+        fig = new_figure(figsize=(6, 4), layout='constrained')
         ax = fig.subplots()
         n = len(self.lrs) - skip_end
         ax.plot(self.lrs[:n], self.losses[:n], color='C0')
