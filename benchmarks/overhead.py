@@ -19,30 +19,15 @@ fastai 2.6×, Lightning 2.9×, ignite 1.3×.
 """
 import argparse
 import io
-import statistics
-import time
 from contextlib import redirect_stdout
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from nbloop.learner import Learner
 from nbloop.metrics import accuracy
 from nbloop.plots import LivePlotCallback
-
-
-def data(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(20_000, 32, generator=g), torch.randint(0, 10, (20_000,), generator=g)
-    train = DataLoader(TensorDataset(x[:16_000], y[:16_000]), batch_size=64, shuffle=True)
-    valid = DataLoader(TensorDataset(x[16_000:], y[16_000:]), batch_size=64)
-    return train, valid
-
-
-def mlp():
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+from common import Clock, data, interleaved, mlp, report
 
 
 def plain_loop(epochs, train, valid):
@@ -74,14 +59,10 @@ def learner_loop(epochs, train, valid, cbs=()):
 def timed(fn, epochs):
     "Wall-clock and CPU seconds per epoch of one whole run (set-up, every epoch, and the end of fit)."
     with redirect_stdout(io.StringIO()):
-        w0, c0 = time.perf_counter(), time.process_time()
+        clock = Clock()
         fn()
-        return (time.perf_counter() - w0) / epochs, (time.process_time() - c0) / epochs
-
-
-def quartiles(values):
-    q = statistics.quantiles(values, n=4)
-    return q[0], statistics.median(values), q[2]
+        w, c = clock.elapsed()
+        return w / epochs, c / epochs
 
 
 def main():
@@ -92,25 +73,13 @@ def main():
     torch.set_num_threads(1)
     train, valid = data()
     e = args.epochs
-    contenders = {'plain': lambda: plain_loop(e, train, valid),
-                  'learner': lambda: learner_loop(e, train, valid),
-                  'liveplot': lambda: learner_loop(e, train, valid, [LivePlotCallback(mode='offscreen')])}
-    for f in contenders.values(): timed(f, e)     # warm up
-    wall, cpu = {k: [] for k in contenders}, {k: [] for k in contenders}
-    for r in range(args.rounds):
-        order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
-        for k in order:
-            w, c = timed(contenders[k], e)
-            wall[k].append(w); cpu[k].append(c)
+    wall, cpu = interleaved({'plain': lambda: timed(lambda: plain_loop(e, train, valid), e),
+                             'learner': lambda: timed(lambda: learner_loop(e, train, valid), e),
+                             'liveplot': lambda: timed(lambda: learner_loop(e, train, valid, [LivePlotCallback(mode='offscreen')]), e)},
+                            args.rounds)
     print(f'{args.rounds} interleaved rounds, each contender a whole run of {e} epochs per round '
           f'(set-up and end of fit included), ms per epoch:')
-    for k in contenders:
-        lo, med, hi = quartiles([v * 1000 for v in wall[k]])
-        print(f'{k:>9}: median {med:7.1f}  (quartiles {lo:.1f} .. {hi:.1f})')
-    for a, b, goal in (('learner', 'plain', 1.05), ('liveplot', 'learner', 1.02)):
-        lo, med, hi = quartiles([x / y for x, y in zip(wall[a], wall[b])])
-        clo, cmed, chi = quartiles([x / y for x, y in zip(cpu[a], cpu[b])])
-        print(f'ratio {a}/{b}: {med:.3f} wall (quartiles {lo:.3f} .. {hi:.3f}), {cmed:.3f} CPU   goal <= {goal}')
+    report(wall, cpu, [('learner', 'plain', '<= 1.05'), ('liveplot', 'learner', '<= 1.02')])
 
 
 if __name__ == '__main__':

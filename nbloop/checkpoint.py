@@ -31,8 +31,8 @@ __all__ = ['FORMAT', 'FORMAT_VERSION', 'CheckpointError', 'CorruptCheckpointErro
            'CheckpointWriteError', 'fsync_dir', 'write_checkpoint', 'read_checkpoint', 'flatten_state',
            'unflatten_state', 'save_state', 'load_state', 'CheckpointMismatchError', 'unwrap_model', 'checkpoint_path',
            'load_model_state', 'save_learner', 'load_learner', 'callback_states', 'training_state', 'apply_model_state',
-           'apply_callback_states', 'checkpoint_name', 'list_checkpoints', 'resume_state', 'CheckpointCallback',
-           'Table', 'compare_checkpoints']
+           'apply_callback_states', 'checkpoint_name', 'list_checkpoints', 'resume_state', 'remove_stale_temporaries',
+           'CheckpointCallback', 'Table', 'compare_checkpoints']
 
 # %% ../nbs/06_checkpoint.ipynb #3c4bfb5a
 FORMAT, FORMAT_VERSION = 'nbloop', 1
@@ -362,7 +362,28 @@ def resume_state(learn: Learner, resume: str | Path) -> dict | None:
     state['path'] = str(path)
     return state
 
-# %% ../nbs/06_checkpoint.ipynb #bec1e70e
+# %% ../nbs/06_checkpoint.ipynb #d750f331
+_TEMP = re.compile(r'^\..+\.(\d+)\.tmp$')
+
+def _running(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    "Delete the temporary files of interrupted checkpoint writes in `folder` (of processes no longer running, or this one)."
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir(): return removed
+    for p in folder.iterdir():
+        m = _TEMP.match(p.name)
+        if m and (int(m[1]) == os.getpid() or not _running(int(m[1]))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+# %% ../nbs/06_checkpoint.ipynb #7eeea89f
 class CheckpointCallback(Callback):
     "Write training checkpoints every few epochs/steps, keep the newest and the best, and save on interrupt."
     order = 90
@@ -386,6 +407,7 @@ class CheckpointCallback(Callback):
         self.active = is_main_process() and not learn.in_lr_find
         self.best, self.best_epoch, self.last_path, self._rng_after_train = None, None, None, None
         self._warned = False
+        if self.active: remove_stale_temporaries(self.folder(learn))
 
     def after_train(self, learn: Learner):
         if self.active and self.save_on_interrupt: self._rng_after_train = get_rng_state()
@@ -455,7 +477,7 @@ class CheckpointCallback(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch = state['best'], state['best_epoch']
 
-# %% ../nbs/06_checkpoint.ipynb #abbc2376
+# %% ../nbs/06_checkpoint.ipynb #3224311a
 class Table(list):
     "A list of row dicts that displays as a table in notebooks and terminals."
     def columns(self) -> list[str]:

@@ -1,0 +1,58 @@
+"""What the benchmarks share: the job of overhead.py (data and model), a clock, interleaved rounds, and a report
+of medians and per-round ratios."""
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(20_000, 32, generator=g), torch.randint(0, 10, (20_000,), generator=g)
+    train = DataLoader(TensorDataset(x[:16_000], y[:16_000]), batch_size=64, shuffle=True)
+    valid = DataLoader(TensorDataset(x[16_000:], y[16_000:]), batch_size=64)
+    return train, valid
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def quartiles(values):
+    q = statistics.quantiles(values, n=4)
+    return q[0], statistics.median(values), q[2]
+
+
+class Clock:
+    "Wall-clock and CPU time since it was made (or last `reset`): `Clock().elapsed()` is `(wall s, CPU s)`."
+    def __init__(self): self.reset()
+    def reset(self): self.wall, self.cpu = time.perf_counter(), time.process_time()
+    def elapsed(self): return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def interleaved(contenders: dict, rounds: int) -> tuple[dict, dict]:
+    """Run each contender (a function returning the `(wall, CPU)` seconds it took) once to warm up, then once per
+    round, in alternating order so that machine noise hits all alike; `({name: [wall s]}, {name: [CPU s]})`."""
+    for f in contenders.values(): f()
+    wall, cpu = {k: [] for k in contenders}, {k: [] for k in contenders}
+    for r in range(rounds):
+        for k in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
+            w, c = contenders[k]()
+            wall[k].append(w); cpu[k].append(c)
+    return wall, cpu
+
+
+def report(wall: dict, cpu: dict, ratios=(), indent: str = '', notes: dict | None = None) -> None:
+    """Print each contender's median ms (quartiles, median CPU ms), then for each `(a, b, goal)` in `ratios` the
+    median of the per-round ratios a/b (those cancel slow drifts of a shared machine better than a ratio of medians)."""
+    for k in wall:
+        lo, med, hi = quartiles([v * 1000 for v in wall[k]])
+        print(f'{indent}{k:>10}: median {med:7.1f}  (quartiles {lo:.1f} .. {hi:.1f})  '
+              f'CPU {statistics.median(cpu[k]) * 1000:.1f}{(notes or {}).get(k, "")}')
+    for a, b, goal in ratios:
+        lo, med, hi = quartiles([x / y for x, y in zip(wall[a], wall[b])])
+        cmed = statistics.median([x / y for x, y in zip(cpu[a], cpu[b])])
+        print(f'{indent}ratio {a}/{b}: {med:.3f} wall (quartiles {lo:.3f} .. {hi:.3f}), {cmed:.3f} CPU' +
+              (f'   goal {goal}' if goal else ''))
