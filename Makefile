@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/python -m nbloop.demo
 
 lab: setup
-	$(BIN)/jupyter lab --ip=127.0.0.1 --notebook-dir=nbs $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+	$(BIN)/jupyter lab --ip=127.0.0.1 --notebook-dir=nbs/tutorials $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 export: setup
 	$(BIN)/nbdev_export

@@ -477,7 +477,7 @@ class CheckpointCallback(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch = state['best'], state['best_epoch']
 
-# %% ../nbs/06_checkpoint.ipynb #3224311a
+# %% ../nbs/06_checkpoint.ipynb #3801b821
 class Table(list):
     "A list of row dicts that displays as a table in notebooks and terminals."
     def columns(self) -> list[str]:

@@ -151,9 +151,7 @@ class LivePlotCallback(Callback):
         self._canvas = _SharedCanvas.get(self.figsize, self.dpi)
         if self._mode == 'widget':
             import ipywidgets
-            from IPython.display import display
             self.widget = ipywidgets.Image(format='png', layout=ipywidgets.Layout(max_width='100%'))
-            self._handle = display(self.widget, display_id=True)
 
     def _fail(self, e: Exception):
         warnings.warn(f'LivePlotCallback stopped drawing: {type(e).__name__}: {e}')
@@ -166,14 +164,18 @@ class LivePlotCallback(Callback):
             cost = type(self).update_cost if cached else type(self).full_draw_cost
         return max(self.min_interval, cost / self.budget)
 
-    def _maybe_draw(self, learn: Learner, force: bool = False):
+    def _maybe_draw(self, learn: Learner, force: bool = False, final: bool = False):
         if self._mode == 'none': return
         now = time.perf_counter()
         if not force and now - self._last < self._interval(): return
         try:
             t0, full0 = time.perf_counter(), self._canvas.full_draw_time
             self.png = self.render(learn)
-            if self.widget is not None: self.widget.value = self.png
+            if self.widget is not None:
+                self.widget.value = self.png
+                if self._handle is None and not final:   # shown at its first picture, below the progress bars
+                    from IPython.display import display
+                    self._handle = display(self.widget, display_id=True)
             cost = time.perf_counter() - t0
         except Exception as e:
             self._fail(e); return
@@ -194,12 +196,14 @@ class LivePlotCallback(Callback):
 
     def after_fit(self, learn: Learner):
         if self._mode == 'none': return
-        self._maybe_draw(learn, force=True)
+        self._maybe_draw(learn, force=True, final=True)
         if self.png is None: return
         try:
-            if self._handle is not None:
-                from IPython.display import Image
-                self._handle.update(Image(data=self.png, format='png'))
+            if self._mode == 'widget':
+                from IPython.display import Image, display
+                static = Image(data=self.png, format='png')
+                if self._handle is not None: self._handle.update(static)
+                else: display(static)
             if self.path is not None:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 Path(self.path).write_bytes(self.png)

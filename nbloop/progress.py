@@ -70,8 +70,9 @@ class ProgressCallback(Callback):
     def before_fit(self, learn: Learner):
         self.active = is_main_process()
         if not self.active: return
+        # the master bar shows itself at its first update (before_epoch): calling its on_iter_begin here as well
+        # would leave a second, empty bar behind in a notebook
         self.mbar = fp.master_bar(range(learn.n_epochs)) if self.animated() else PlainTable()
-        self.mbar.on_iter_begin()
         self._header_written, self._in_fit = False, True
 
     def before_epoch(self, learn: Learner):

@@ -43,7 +43,7 @@ class MixedPrecision(Callback):
     def after_fit(self, learn: Learner):
         learn.autocast, learn.scaler = self._saved
 
-# %% ../nbs/07_training.ipynb #731b2820
+# %% ../nbs/07_training.ipynb #1c1caae4
 class GradientAccumulation(Callback):
     "Accumulate gradients over `n_batches` training batches before each optimizer step."
     order = 15
@@ -66,7 +66,7 @@ class GradientAccumulation(Callback):
     def state_dict(self) -> dict: return {'count': self.count}
     def load_state_dict(self, state: dict) -> None: self.count = state['count']
 
-# %% ../nbs/07_training.ipynb #27510425
+# %% ../nbs/07_training.ipynb #58207422
 class GradientClip(Callback):
     "Clip the global gradient norm to `max_norm` before each step (after unscaling)."
     order = 20
@@ -80,7 +80,7 @@ class GradientClip(Callback):
         if learn.scaler is not None: learn.scaler.unscale_(learn.opt)
         torch.nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
-# %% ../nbs/07_training.ipynb #d17977db
+# %% ../nbs/07_training.ipynb #03e4cc49
 class EarlyStopping(Callback):
     "Stop when `monitor` has not improved by `min_delta` for `patience` epochs."
     order = 95
@@ -109,7 +109,7 @@ class EarlyStopping(Callback):
     def state_dict(self) -> dict: return {'best': self.best, 'wait': self.wait}
     def load_state_dict(self, state: dict) -> None: self.best, self.wait = state['best'], state['wait']
 
-# %% ../nbs/07_training.ipynb #233d4d6d
+# %% ../nbs/07_training.ipynb #5f7d1464
 class TerminateOnNaN(Callback):
     "Stop the fit when the training loss is NaN or infinite (checked every `check_every` batches)."
     order = 55
