@@ -46,7 +46,9 @@ def interleaved(contenders: dict, rounds: int) -> tuple[dict, dict]:
 
 def report(wall: dict, cpu: dict, ratios=(), indent: str = '', notes: dict | None = None) -> None:
     """Print each contender's median ms (quartiles, median CPU ms), then for each `(a, b, goal)` in `ratios` the
-    median of the per-round ratios a/b (those cancel slow drifts of a shared machine better than a ratio of medians)."""
+    median of the per-round ratios a/b (those cancel slow drifts of a shared machine better than a ratio of medians)
+    and the ratio of the fastest runs (interference from other work only ever slows a run down, so the fastest
+    run of each is the closest to its undisturbed cost)."""
     for k in wall:
         lo, med, hi = quartiles([v * 1000 for v in wall[k]])
         print(f'{indent}{k:>10}: median {med:7.1f}  (quartiles {lo:.1f} .. {hi:.1f})  '
@@ -54,5 +56,6 @@ def report(wall: dict, cpu: dict, ratios=(), indent: str = '', notes: dict | Non
     for a, b, goal in ratios:
         lo, med, hi = quartiles([x / y for x, y in zip(wall[a], wall[b])])
         cmed = statistics.median([x / y for x, y in zip(cpu[a], cpu[b])])
-        print(f'{indent}ratio {a}/{b}: {med:.3f} wall (quartiles {lo:.3f} .. {hi:.3f}), {cmed:.3f} CPU' +
-              (f'   goal {goal}' if goal else ''))
+        best = min(wall[a]) / min(wall[b])
+        print(f'{indent}ratio {a}/{b}: {med:.3f} wall (quartiles {lo:.3f} .. {hi:.3f}), {cmed:.3f} CPU, '
+              f'{best:.3f} best-of-rounds' + (f'   goal {goal}' if goal else ''))
