@@ -21,7 +21,7 @@ __all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'Event', 'CancelBatchExcept
            'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'camel_to_snake', 'Callback',
            'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback', 'handlers_of', 'build_dispatch',
            'default_device', 'to_device', 'BatchError', 'describe', 'split_batch', 'get_rng_state', 'set_rng_state',
-           'new_figure', 'get_rank', 'get_world_size', 'is_main_process']
+           'DebiasedEMA', 'new_figure', 'get_rank', 'get_world_size', 'is_main_process']
 
 # %% ../nbs/00_core.ipynb #8cbfe84a
 class Event(str, Enum):
@@ -198,7 +198,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
-# %% ../nbs/00_core.ipynb #be0776d9
+# %% ../nbs/00_core.ipynb #00a505bd
+class DebiasedEMA:
+    "Exponential moving average with bias correction: call it with each new value, it returns the smoothed one."
+    def __init__(self, beta: float = 0.98, avg: float = 0., n: int = 0):
+        self.beta, self.avg, self.n = beta, avg, n
+
+    def __call__(self, value: float) -> float:
+        self.n += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * value
+        return self.avg / (1 - self.beta ** self.n)
+
+# %% ../nbs/00_core.ipynb #863751e2
 _ShownFigure = None
 
 def new_figure(**kwargs: Any):
@@ -216,7 +227,7 @@ def new_figure(**kwargs: Any):
         _ShownFigure = ShownFigure
     return _ShownFigure(**kwargs)
 
-# %% ../nbs/00_core.ipynb #c9426ba8
+# %% ../nbs/00_core.ipynb #c6b1f811
 def get_rank() -> int:
     "This process's rank among the training processes (0 when not distributed)."
     dist = torch.distributed

@@ -19,13 +19,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from .core import (
     CancelBatchException, CancelEpochException, CancelFitException, CancelTrainException,
-    CancelValidateException, Callback, Event, as_callback, build_dispatch, default_device, describe,
+    CancelValidateException, Callback, as_callback, build_dispatch, default_device, describe,
     get_rng_state, handlers_of, set_rng_state, split_batch, to_device)
 from .data import EpochPlan
-from .metrics import Recorder, batch_size_of
+from .metrics import Recorder
 from .progress import ProgressCallback
 from .schedule import LRFinder, LRFindResult, LRScheduler, has_momentum, one_cycle_schedules
 from . import checkpoint
@@ -338,7 +339,7 @@ class Learner:
                       pct_start: float = 0.25, moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
                       cbs: Sequence = (), resume: str | Path | None = None) -> None:
         "Train with the one-cycle policy: cosine warm-up to `lr_max`, cosine annealing; momentum the opposite way."
-        n = EpochPlan(self.train_dl).length()
+        n = _length(self.train_dl)
         if n is None: raise TypeError('fit_one_cycle needs len(train_dl) to lay out the cycle; this train_dl has no len()')
         lr_sched, mom_sched = one_cycle_schedules(max(n * n_epochs, 1), lr_max, div, div_final, pct_start, moms)
         scheds = [LRScheduler(lr_sched, 'lr')]
@@ -348,17 +349,15 @@ class Learner:
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, stop_div: bool = True) -> LRFindResult:
         "Sweep the learning rate exponentially over `num_it` training batches; afterwards the learner is exactly as before."
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
-        n = EpochPlan(self.train_dl).length()
+        n = _length(self.train_dl)
         n_epochs = math.ceil(num_it / n) if n else num_it
         saved = self._snapshot()
-        cbs = self.cbs
-        self.cbs = [cb for cb in cbs if cb.runs_in_lr_find] + [finder]
-        self._dispatch = build_dispatch(self.cbs)
         self.in_lr_find = True
-        try: self._fit(n_epochs, None)
+        try:
+            with self.removed_cbs([cb for cb in self.cbs if not cb.runs_in_lr_find]), self.added_cbs([finder]):
+                self._fit(n_epochs, None)
         finally:
             self.in_lr_find = False
-            self.cbs, self._dispatch = cbs, build_dispatch(cbs)
             self._restore(saved)
         return LRFindResult.from_curve(finder.lrs, finder.raw, diverged=finder.stopped_at is not None)
 
@@ -432,7 +431,6 @@ def _length(dl) -> int | None:
 def synth_data(n: int = 128, n_features: int = 4, n_classes: int | None = None, batch_size: int = 16,
                seed: int = 0, shuffle: bool = True, num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
     "A tiny synthetic problem: regression `y = x @ w + b` (n_classes=None) or linearly separable classes."
-    from torch.utils.data import DataLoader, TensorDataset
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, n_features, generator=g)
     w = torch.randn(n_features, n_classes or 1, generator=g)

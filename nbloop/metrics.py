@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Callback, camel_to_snake, describe, is_main_process, new_figure
+from .core import Callback, DebiasedEMA, camel_to_snake, describe, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -157,7 +157,7 @@ class Recorder(Callback):
         self.lrs: list[float] = []
         self._sizes: list[int] = []          # batch sizes of the current epoch's training batches
         self._epoch_start = 0                # index in losses where this epoch started
-        self._smooth, self._n_smooth = 0., 0
+        self._ema = DebiasedEMA(self.smooth_beta)
         self._smoothed: list[float] = []
         self._valid: list[torch.Tensor] = []
         self._valid_sizes: list[int] = []
@@ -193,11 +193,7 @@ class Recorder(Callback):
         if not self._pending: return
         new = torch.stack([p.float() for p in self._pending]).tolist()  # sync point
         self._pending = []
-        b = self.smooth_beta
-        for v in new:
-            self._n_smooth += 1
-            self._smooth = b * self._smooth + (1 - b) * v
-            self._smoothed.append(self._smooth / (1 - b ** self._n_smooth))
+        self._smoothed.extend(self._ema(v) for v in new)
         self._losses.extend(new)
 
     @property
@@ -270,7 +266,7 @@ class Recorder(Callback):
                 'smoothed': torch.tensor(self._smoothed, dtype=torch.float64),
                 'lrs': torch.tensor(self.lrs, dtype=torch.float64), 'sizes': list(self._sizes),
                 'epoch_start': self._epoch_start, 'epoch_ends': list(self._epoch_ends),
-                'smooth': self._smooth, 'n_smooth': self._n_smooth, 'row': dict(self._row)}
+                'smooth': self._ema.avg, 'n_smooth': self._ema.n, 'row': dict(self._row)}
 
     def load_state_dict(self, state: dict) -> None:
         "Restore what `state_dict` returned."
@@ -279,9 +275,14 @@ class Recorder(Callback):
         self._smoothed, self.lrs = state['smoothed'].tolist(), state['lrs'].tolist()
         self._sizes, self._epoch_start = list(state['sizes']), state['epoch_start']
         self._epoch_ends = list(state['epoch_ends'])
-        self._smooth, self._n_smooth, self._row = state['smooth'], state['n_smooth'], dict(state['row'])
+        self._ema = DebiasedEMA(self.smooth_beta, state['smooth'], state['n_smooth'])
+        self._row = dict(state['row'])
 
     # -- plots ------------------------------------------------------------------------------------------
+    def valid_points(self) -> list[tuple[int, float]]:
+        "`(training step, valid_loss)` at the end of each validated epoch, to draw next to the per-batch losses."
+        return [(x, r['valid_loss']) for x, r in zip(self._epoch_ends, self.history) if 'valid_loss' in r]
+
     def plot_loss(self, skip_start: int = 0, with_valid: bool = True) -> Figure:
         "Training loss per batch (raw and smoothed) and validation loss per epoch."
         fig, ax = _figure()
@@ -289,7 +290,7 @@ class Recorder(Callback):
         xs = range(skip_start, len(losses))
         ax.plot(xs, losses[skip_start:], alpha=0.3, color='C0', label='train (per batch)')
         ax.plot(xs, smoothed[skip_start:], color='C0', label='train (smoothed)')
-        valid = [(x, r['valid_loss']) for x, r in zip(self._epoch_ends, self.history) if 'valid_loss' in r]
+        valid = self.valid_points()
         if with_valid and valid:
             ax.plot(*zip(*valid), 'o-', color='C1', label='valid (per epoch)')
         ax.set_xlabel('training step'); ax.set_ylabel('loss'); ax.legend()

@@ -72,7 +72,7 @@ class _SharedCanvas:
             self.lines[key], = self.axes[ax_i].plot([], [], fmt, color=color, label=label, animated=True, ms=4)
         return self.lines[key]
 
-    def frame(self, layout: tuple) -> object:
+    def frame(self, layout: tuple) -> None:
         "Put the background for `layout` (limits and series) on the canvas, drawing it only if it is new."
         xl, yl, xm, ym, loss, metrics = layout
         ax, axm = self.axes
@@ -93,7 +93,6 @@ class _SharedCanvas:
             if len(self.backgrounds) >= self.max_backgrounds: self.backgrounds.pop(next(iter(self.backgrounds)))
             self.backgrounds[layout] = canvas.copy_from_bbox(self.fig.bbox)
         self.current = layout
-        return self.backgrounds[layout]
 
     def paint(self, loss: list, metrics: list) -> bytes:
         "Draw the curves over the background and encode the canvas as PNG."
@@ -139,7 +138,7 @@ class LivePlotCallback(Callback):
         if mode == 'auto': mode = 'widget' if _in_kernel() else ('offscreen' if self.path else 'none')
         self._mode = mode if is_main_process() and not learn.in_lr_find else 'none'
         self.n_draws, self.draw_time, self._last, self._cost = 0, 0., time.perf_counter(), 0.
-        self.widget = self._handle = self._canvas = self._bg = None
+        self.widget = self._handle = self._canvas = None
         self._ylim_loss = self._ylim_metrics = None
         if self._mode == 'none': return
         try:
@@ -215,7 +214,7 @@ class LivePlotCallback(Callback):
         smoothed = rec.smoothed_losses                       # sync point
         step = max(1, len(smoothed) // 2000)                  # at most ~2000 points per curve
         xs = list(range(0, len(smoothed), step))
-        valid = [(x, r['valid_loss']) for x, r in zip(rec._epoch_ends, rec.history) if 'valid_loss' in r]
+        valid = rec.valid_points()
         names = sorted(rec.metric_names, key=lambda n: (n != 'accuracy', rec.metric_names.index(n)))
         epochs = [r['epoch'] for r in rec.history]
         loss = [('train (smoothed)', '-', 'C0', xs, [smoothed[i] for i in xs])]
@@ -227,5 +226,5 @@ class LivePlotCallback(Callback):
         layout = ((0, learn.total_steps or _nice_ceil(max(len(smoothed), 1))), self._ylim_loss,
                   (-0.3, max(learn.n_epochs, 1) - 0.7), self._ylim_metrics,
                   tuple(s[:3] for s in loss), tuple(s[:3] for s in metrics))
-        self._bg = self._canvas.frame(layout)
+        self._canvas.frame(layout)
         return self._canvas.paint(loss, metrics)

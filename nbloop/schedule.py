@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import CancelFitException, CancelValidateException, Callback, new_figure
+from .core import CancelFitException, CancelValidateException, Callback, DebiasedEMA, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -182,14 +182,11 @@ def one_cycle_schedules(total_steps: int, lr_max: float, div: float = 25., div_f
                          ScheduleSegment(cosine, end=moms[2])])
     return lr, mom
 
-# %% ../nbs/03_schedule.ipynb #7d2e4f51
+# %% ../nbs/03_schedule.ipynb #338b4d33
 def smooth(values: Sequence[float], beta: float = 0.98) -> list[float]:
     "Debiased exponential moving average of `values` (NaN stays NaN from where it appears)."
-    out, avg = [], 0.
-    for i, v in enumerate(values, 1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** i))
-    return out
+    ema = DebiasedEMA(beta)
+    return [ema(v) for v in values]
 
 class LRFinder(Callback):
     "Sweep the learning rate exponentially over training batches and stop when the loss diverges."
