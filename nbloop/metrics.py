@@ -18,13 +18,32 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # %% auto #0
-__all__ = ['top5_accuracy', 'Metric', 'batch_size_of', 'AvgMetric', 'ObjectMetric', 'as_metric', 'predicted_class', 'accuracy',
-           'top_k_accuracy', 'MatthewsCorrCoef', 'Perplexity', 'MetricError', 'Recorder']
+__all__ = ['top5_accuracy', 'MetricError', 'Metric', 'batch_size_of', 'AvgMetric', 'ObjectMetric', 'CountMetric', 'EpochMetric',
+           'as_metric', 'predicted_class', 'accuracy', 'top_k_accuracy', 'MatthewsCorrCoef', 'Perplexity', 'Recorder']
 
 # %% ../nbs/01_metrics.ipynb #9ec8f58d
+class MetricError(RuntimeError):
+    "A metric failed or returned something unusable; the message names the metric."
+
+_IGNORE = -100   # F.cross_entropy's ignore_index: targets equal to it are padding, not samples
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    "float64 for sums on the device, except on MPS, which has no float64."
+    return torch.float32 if device.type == 'mps' else torch.float64
+
+def _as_float(value: Any, name: str, what: str) -> float:
+    "A metric's value as a float (a sync point), or a MetricError naming the metric."
+    size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, 'size', 1)
+    try:
+        if size != 1: raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise MetricError(f"metric '{name}' {what} {describe(value)}; a metric must give one number") from None
+
 class Metric:
     "Base class: `reset()`, then `accumulate(learn)` per batch, then `compute()` for the epoch's value."
     name: str = 'metric'
+    running: bool = True     # whether progress displays may call `compute()` during validation
     def reset(self) -> None: raise NotImplementedError
     def accumulate(self, learn) -> None: self.update(learn.pred, learn.yb[0])
     def update(self, pred: torch.Tensor, targ: torch.Tensor) -> None: raise NotImplementedError
@@ -36,7 +55,7 @@ def batch_size_of(targ: Any) -> int:
     return targ.shape[0] if isinstance(targ, torch.Tensor) and targ.ndim else len(targ)
 
 class AvgMetric(Metric):
-    "Average a function `fn(pred, targ)` over all samples, weighting each batch by its size."
+    "Average a function `fn(pred, targ) -> scalar` over all samples, weighting each batch by its size."
     def __init__(self, fn: Callable, name: str | None = None):
         self.fn, self.name = fn, name or getattr(fn, '__name__', type(fn).__name__)
         self.reset()
@@ -44,7 +63,15 @@ class AvgMetric(Metric):
     def update(self, pred, targ):
         n = batch_size_of(targ)
         value = self.fn(pred, targ)
-        self.total = self.total + (value.detach().float() if isinstance(value, torch.Tensor) else value) * n
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:   # the shape is known on the host: checking it costs no sync
+                raise MetricError(
+                    f"metric '{self.name}' returned a {describe(value)} for a batch of {n} samples; a plain-function "
+                    f"metric must return a scalar (the batch's mean). Reduce it with .mean(), or wrap the function "
+                    f"in EpochMetric({self.name}) to compute it once over the whole epoch's predictions.")
+            value = value.detach().reshape(()).to(_sum_dtype(value.device))
+        else: value = _as_float(value, self.name, 'returned')
+        self.total = self.total + value * n
         self.count += n
     def compute(self) -> float:
         # sync point: once per epoch
@@ -64,10 +91,41 @@ class ObjectMetric(Metric):
         value = self.obj.compute()
         return float(value) if not isinstance(value, torch.Tensor) or value.numel() == 1 else value
 
+class CountMetric(Metric):
+    "A ratio of integer counts: `counts(pred, targ) -> (hits, total)` summed on the device, divided once at the end."
+    def __init__(self, counts: Callable, name: str):
+        self.counts, self.name = counts, name
+        self.reset()
+    def reset(self): self.hits = self.total = None
+    def update(self, pred, targ):
+        hits, total = self.counts(pred, targ)
+        self.hits = hits if self.hits is None else self.hits + hits
+        self.total = total if self.total is None else self.total + total
+    def compute(self) -> float:
+        if self.hits is None: return math.nan
+        counts = [self.hits, self.total]
+        if all(isinstance(c, torch.Tensor) for c in counts): counts = torch.stack(counts).tolist()  # sync point: once per epoch
+        hits, total = counts
+        return hits / total if total else math.nan    # Python ints: one correctly rounded float64 division
+
+class EpochMetric(Metric):
+    "Compute `fn(preds, targs)` once over the whole epoch's predictions and targets, gathered on the device."
+    running = False          # computing over everything gathered so far would cost too much to show while running
+    def __init__(self, fn: Callable, name: str | None = None):
+        self.fn, self.name = fn, name or getattr(fn, '__name__', type(fn).__name__)
+        self.reset()
+    def reset(self): self.preds, self.targs = [], []
+    def update(self, pred, targ):
+        self.preds.append(pred.detach()); self.targs.append(targ.detach())
+    def compute(self) -> float:
+        if not self.preds: return math.nan
+        return _as_float(self.fn(torch.cat(self.preds), torch.cat(self.targs)), self.name, 'returned')
+
 def as_metric(m: Metric | Callable | Any) -> Metric:
-    "Wrap `m` as a `Metric`: metrics stay, objects with reset/update/compute are used as they are, functions are averaged."
+    "Wrap `m` as a `Metric`: metrics stay, counting functions count, objects with reset/update/compute stay, functions are averaged."
     if isinstance(m, Metric): return m
     if all(callable(getattr(m, a, None)) for a in ('reset', 'update', 'compute')): return ObjectMetric(m)
+    if callable(getattr(m, 'counts', None)): return CountMetric(m.counts, getattr(m, '__name__', type(m).__name__))
     if callable(m): return AvgMetric(m)
     raise TypeError(f"a metric must be a function fn(pred, targ), an object with reset/update/compute, or a "
                     f"Metric; got {m!r}")
@@ -81,17 +139,34 @@ def predicted_class(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"cannot match predictions ({describe(pred)}) with targets ({describe(targ)}): expected "
                      f"predictions with one more (class) dimension than the targets, or the same shape")
 
+def _accuracy_counts(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "(correct, counted) as int64 tensors on the device; targets equal to -100 are not counted."
+    keep = targ != _IGNORE
+    return ((predicted_class(pred, targ) == targ.long()) & keep).sum(), keep.sum()
+
 def accuracy(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
-    "Fraction of samples whose predicted class equals the target."
-    return (predicted_class(pred, targ) == targ.long()).float().mean()
+    "Fraction of the targets (those != -100) whose predicted class is right."
+    correct, counted = _accuracy_counts(pred, targ)
+    return correct / counted
+
+accuracy.counts = _accuracy_counts
 
 def top_k_accuracy(k: int = 5) -> Callable:
-    "A metric function: fraction of samples whose target is among the `k` highest predictions."
+    "A metric function: fraction of the targets (those != -100) that are among the `k` highest predictions."
     if k < 1: raise ValueError(f'top_k_accuracy needs k >= 1, got {k}')
-    def metric(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
+    name = f'top{k}_accuracy'
+    def counts(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if pred.ndim != targ.ndim + 1:
+            raise ValueError(f'{name} needs predictions with one more (class) dimension than the targets, got '
+                             f'predictions ({describe(pred)}) and targets ({describe(targ)})')
+        keep = targ != _IGNORE
         top = pred.topk(min(k, pred.shape[-1]), dim=-1).indices
-        return (top == targ.long().unsqueeze(-1)).any(dim=-1).float().mean()
-    metric.__name__ = metric.__qualname__ = f'top{k}_accuracy'
+        return ((top == targ.long().unsqueeze(-1)).any(dim=-1) & keep).sum(), keep.sum()
+    def metric(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
+        hits, counted = counts(pred, targ)
+        return hits / counted
+    metric.__name__ = metric.__qualname__ = name
+    metric.__doc__, metric.counts = f'Fraction of the targets (those != -100) among the {k} highest predictions.', counts
     return metric
 
 top5_accuracy = top_k_accuracy(5)
@@ -107,14 +182,16 @@ class MatthewsCorrCoef(Metric):
     def update(self, pred, targ):
         pc = predicted_class(pred, targ).reshape(-1)
         n = self.num_classes or (2 if pred.shape == targ.shape or pred.shape[-1] == 1 else pred.shape[-1])
-        idx = targ.reshape(-1).long() * n + pc
-        # index_add_ into a fixed-size tensor: unlike bincount, it needs no device sync to size its output
+        t = targ.reshape(-1)
+        keep = t != _IGNORE
+        idx = torch.where(keep, t.long() * n + pc, 0)
+        # index_add_ into a fixed-size tensor, padding with weight 0: no device sync to size or filter anything
         if self.confusion is None: self.confusion = torch.zeros(n * n, dtype=torch.int64, device=pred.device)
-        self.confusion.index_add_(0, idx, torch.ones_like(idx))
+        self.confusion.index_add_(0, idx, keep.long())
     def compute(self) -> float:
         if self.confusion is None: return math.nan
         n = int(round(self.confusion.numel() ** 0.5))
-        cm = self.confusion.reshape(n, n).double()  # sync point (below): once per epoch
+        cm = self.confusion.cpu().reshape(n, n).double()  # sync point: once per epoch
         t, p = cm.sum(1), cm.sum(0)
         c, s = cm.trace(), cm.sum()
         denom = ((s * s - (p * p).sum()) * (s * s - (t * t).sum())).sqrt()
@@ -122,31 +199,52 @@ class MatthewsCorrCoef(Metric):
 
 # %% ../nbs/01_metrics.ipynb #5a2ad07e
 class Perplexity(Metric):
-    "exp of the learner's loss averaged over all targets."
+    "exp of the learner's loss averaged over the targets the loss counts (those != `ignore_index`)."
     name = 'perplexity'
-    def __init__(self): self.reset()
+    def __init__(self, ignore_index: int | None = _IGNORE):
+        self.ignore_index = ignore_index
+        self.reset()
     def reset(self): self.total, self.count = 0., 0
     def accumulate(self, learn):
-        n = learn.yb[0].numel()
-        self.total = self.total + learn.loss.detach().float() * n
-        self.count += n
+        targ, loss = learn.yb[0], learn.loss.detach()
+        loss = loss.to(_sum_dtype(loss.device))
+        if self.ignore_index is None: n, weighted = targ.numel(), loss * targ.numel()
+        else:
+            n = (targ != self.ignore_index).sum()
+            weighted = torch.where(n > 0, loss * n, 0.)   # an all-padding batch has a nan loss and weighs nothing
+        self.total, self.count = self.total + weighted, self.count + n
     def compute(self) -> float:
-        return math.exp(float(self.total / self.count)) if self.count else math.nan  # sync point
+        count = int(self.count)   # sync point: once per epoch
+        return math.exp(float(self.total) / count) if count else math.nan
 
 # %% ../nbs/01_metrics.ipynb #58e6fa2e
-class MetricError(RuntimeError):
-    "A metric raised; the message names the metric."
-
 class Recorder(Callback):
     "Record per-batch losses and learning rates, per-epoch history, and compute metrics during validation."
     order = 50
     runs_in_lr_find = True
     smooth_beta = 0.98
+    _row_keys = ('epoch', 'train_loss', 'valid_loss', 'time')
 
     def __init__(self, metrics: Sequence = ()):
-        self.metrics = [as_metric(m) for m in metrics]
+        self.metrics = metrics
         self.history: list[dict] = []
+        self.values: dict | None = None
         self._reset_fit()
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        "The metrics computed in validation; assign a list to replace them."
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Sequence) -> None:
+        wrapped, seen = tuple(as_metric(m) for m in metrics), set()
+        for m in wrapped:
+            if m.name in seen or m.name in self._row_keys:
+                raise ValueError(f"two columns of the history would be named '{m.name}' ({m!r}); give the metric "
+                                 f"another name, e.g. AvgMetric(fn, name=...) or EpochMetric(fn, name=...)")
+            seen.add(m.name)
+        self._metrics = wrapped
 
     @property
     def metric_names(self) -> list[str]: return [m.name for m in self.metrics]
@@ -167,13 +265,12 @@ class Recorder(Callback):
     def before_fit(self, learn):
         self.history = []
         self._reset_fit()
-        for m in self.metrics:
-            if isinstance(m, ObjectMetric): m.to(learn.device)
 
     def before_epoch(self, learn):
         self._epoch_t0 = time.perf_counter()
 
     def after_batch(self, learn):
+        if getattr(learn, 'loss', None) is None: return   # cancelled before its loss was complete: not a batch
         if learn.training:
             self._pending.append(learn.loss)          # already detached by the learner; stays on the device
             self._sizes.append(batch_size_of(learn.yb[0]))
@@ -183,6 +280,7 @@ class Recorder(Callback):
             self._valid_sizes.append(batch_size_of(learn.yb[0]))
             for m in self.metrics:
                 try: m.accumulate(learn)
+                except MetricError: raise
                 except Exception as e:
                     raise MetricError(
                         f"metric '{m.name}' raised {type(e).__name__}: {e} (predictions: {describe(learn.pred)}; "
@@ -233,8 +331,9 @@ class Recorder(Callback):
         if training: return {'loss': self.train_loss()}
         vals = {'loss': self.valid_loss()}
         for m in self.metrics:
+            if not m.running: continue
             try: vals[m.name] = m.compute()
-            except Exception: vals[m.name] = math.nan
+            except Exception: vals[m.name] = math.nan     # the end of validation raises it, with the metric's name
         return vals
 
     def after_train(self, learn):
@@ -243,20 +342,30 @@ class Recorder(Callback):
 
     def before_validate(self, learn):
         self._valid, self._valid_sizes = [], []
-        for m in self.metrics: m.reset()
+        for m in self.metrics:
+            if isinstance(m, ObjectMetric): m.to(learn.device)
+            m.reset()
 
     def after_validate(self, learn):
-        self.values = {'valid_loss': self.valid_loss()}
-        for m in self.metrics: self.values[m.name] = m.compute()
+        values = {'valid_loss': self.valid_loss()}
+        for m in self.metrics:
+            try: values[m.name] = m.compute()
+            except MetricError: raise
+            except Exception as e:
+                raise MetricError(f"metric '{m.name}' raised {type(e).__name__} when computing its value at the end "
+                                  f"of validation (after_validate): {e}") from e
+        self.values = values
         self._valid, self._valid_sizes = [], []
 
-    def after_epoch(self, learn):
+    def end_epoch(self, learn) -> dict:
+        "Finish the epoch's row and append it to `history`; the learner calls this right before `after_epoch`."
         row = dict(self._row)
-        if learn.valid_dl is not None and getattr(self, 'values', None) is not None: row.update(self.values)
+        if learn.valid_dl is not None and self.values is not None: row.update(self.values)
         row['time'] = time.perf_counter() - getattr(self, '_epoch_t0', time.perf_counter())
         self.history.append(row)
         self._epoch_ends.append(len(self._losses) + len(self._pending))
         self.values, self._row = None, {}
+        return row
 
     # -- checkpoint state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
