@@ -73,10 +73,23 @@ class ProgressCallback(Callback):
         # the master bar shows itself at its first update (before_epoch): calling its on_iter_begin here as well
         # would leave a second, empty bar behind in a notebook
         self.mbar = fp.master_bar(range(learn.n_epochs)) if self.animated() else PlainTable()
-        self._header_written, self._in_fit = False, True
+        self._header_written, self._in_fit, self._started = False, True, False
 
     def before_epoch(self, learn: Learner):
-        if self.active: self.mbar.update(learn.epoch)
+        if not self.active: return
+        if not self._started: self._start(learn)
+        if learn.epoch: self.mbar.update(learn.epoch)
+
+    def _start(self, learn: Learner):
+        "Start the epoch bar at 0 (fastprogress needs it); a resumed fit then jumps to its epoch with its past rows."
+        self._started = True
+        self.mbar.update(0)              # sets the bar's clock: a first `update(3)` would fail looking for `start_t`
+        main = getattr(self.mbar, 'main_bar', None)     # fastprogress's epoch bar; a PlainTable has none
+        if main is not None: main.update_every = 0      # draw every epoch (fastprogress may skip fast ones)
+        past = [r for r in learn.recorder.history if r.get('epoch', learn.epoch) < learn.epoch]
+        if main is not None and hasattr(main, 'start_t'):
+            main.start_t -= sum(r.get('time', 0.) for r in past)   # elapsed and remaining count the restored epochs
+        for row in past: self._write_row(row)
 
     def _start_bar(self, learn: Learner):
         if not self.animated(): return
@@ -114,11 +127,14 @@ class ProgressCallback(Callback):
         if not self.active or learn.in_lr_find: return
         row = learn.recorder.history[-1] if learn.recorder.history else None
         if row is None or row.get('epoch') != learn.epoch: return
+        self._write_row(row)
+
+    def _write_row(self, row: dict):
         keys = [k for k in row if k != 'time']
         if not self._header_written:
             self.mbar.write(keys + ['time'], table=True)
             self._header_written = True
-        self.mbar.write(format_row([row[k] for k in keys]) + [format_time(row['time'])], table=True)
+        self.mbar.write(format_row([row[k] for k in keys]) + [format_time(row.get('time', 0.))], table=True)
 
     def after_fit(self, learn: Learner):
         self._in_fit = False
