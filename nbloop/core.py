@@ -9,6 +9,7 @@ import difflib
 import os
 import random
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'Event', 'CancelBatchException', 'CancelTrainException',
+__all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'FOREIGN_HOOKS', 'Event', 'CancelBatchException', 'CancelTrainException',
            'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'camel_to_snake', 'Callback',
            'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback', 'handlers_of', 'build_dispatch',
            'default_device', 'to_device', 'BatchError', 'describe', 'split_batch', 'get_rng_state', 'set_rng_state',
@@ -100,19 +101,49 @@ class Callback:
 class CallbackError(TypeError):
     "A callback is malformed: an unknown event method, or neither a `Callback` nor a function."
 
+# hooks of Keras, Lightning, fastai v1 and ignite, with the nbloop event that runs at that point
+FOREIGN_HOOKS = {
+    'on_train_begin': 'before_fit', 'on_train_start': 'before_fit', 'on_fit_start': 'before_fit',
+    'on_train_end': 'after_fit', 'on_fit_end': 'after_fit', 'on_exception': 'after_fit',
+    'on_epoch_begin': 'before_epoch', 'on_epoch_start': 'before_epoch', 'on_epoch_end': 'after_epoch',
+    'on_train_epoch_start': 'before_train', 'on_train_epoch_end': 'after_train',
+    'on_validation_start': 'before_validate', 'on_validation_epoch_start': 'before_validate',
+    'on_test_begin': 'before_validate', 'on_validation_end': 'after_validate',
+    'on_validation_epoch_end': 'after_validate', 'on_test_end': 'after_validate',
+    'on_batch_begin': 'before_batch', 'on_batch_start': 'before_batch', 'on_train_batch_begin': 'before_batch',
+    'on_train_batch_start': 'before_batch', 'on_validation_batch_start': 'before_batch',
+    'on_test_batch_begin': 'before_batch', 'on_batch_end': 'after_batch', 'on_train_batch_end': 'after_batch',
+    'on_validation_batch_end': 'after_batch', 'on_test_batch_end': 'after_batch',
+    'on_loss_begin': 'after_pred', 'on_backward_begin': 'before_backward', 'on_before_backward': 'before_backward',
+    'on_backward_end': 'after_backward', 'on_after_backward': 'after_backward',
+    'on_before_optimizer_step': 'before_step', 'on_step_end': 'after_step', 'on_before_zero_grad': 'after_step',
+}
+
 def event_methods(cb: Callback) -> dict[Event, Callable]:
-    "The bound event methods of `cb`, checking that every `before_*`/`after_*` method is an event."
-    found = {}
+    """The bound event methods of `cb`. A `before_*`/`after_*` method that is no event, or a method one typo away
+    from an event (`afer_batch`), is an error; a method named like another library's hook (`on_epoch_end`) is never
+    called, and a warning says which event to use instead."""
+    found, events = {}, list(Event.__members__)
     for attr in dir(type(cb)):
-        if not attr.startswith(EVENT_PREFIXES): continue
-        if attr not in Event.__members__:
-            close = difflib.get_close_matches(attr, list(Event.__members__), n=1)
+        if attr.startswith('_') or hasattr(Callback, attr): continue
+        if attr in events:
+            method = getattr(cb, attr)
+            if callable(method): found[Event(attr)] = method
+            continue
+        prefixed = attr.startswith(EVENT_PREFIXES)
+        if not prefixed and not callable(getattr(type(cb), attr, None)): continue
+        close = difflib.get_close_matches(attr, events, n=1, cutoff=0.85 if not prefixed else 0.6)
+        if prefixed or close:
             hint = f"; did you mean '{close[0]}'?" if close else ''
             raise CallbackError(
-                f"{type(cb).__name__}.{attr} is not an event{hint} Methods named before_*/after_* must be "
-                f"events ({', '.join(Event.__members__)}); give helpers another name.")
-        method = getattr(cb, attr)
-        if callable(method): found[Event(attr)] = method
+                f"{type(cb).__name__}.{attr} is not an event{hint} Methods named before_*/after_* (or nearly an event's "
+                f"name) must be events ({', '.join(events)}); give helpers another name.")
+        if attr.startswith('on_'):
+            nb = FOREIGN_HOOKS.get(attr)
+            use = f"; nbloop calls '{nb}' at that point" if nb else f"; nbloop's events are {', '.join(events[:16])}"
+            warnings.warn(f"{type(cb).__name__}.{attr} looks like another library's hook, and nbloop never calls it{use}. "
+                          f"Rename it (or, if it is a helper, give it a name that does not start with 'on_').",
+                          stacklevel=3)
     return found
 
 # %% ../nbs/00_core.ipynb #a5145be8
