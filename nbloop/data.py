@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, get_worker_info
 
 # %% auto #0
-__all__ = ['digits_arrays', 'load_digits', 'is_replayable', 'EpochPlan']
+__all__ = ['digits_arrays', 'load_digits', 'is_replayable', 'EpochPlan', 'data_generators']
 
 # %% ../nbs/08_data.ipynb #e725b9b5
 def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,8 +128,15 @@ class EpochPlan:
         if start:
             if not isinstance(self.dl, (list, tuple)):
                 warnings.warn(f"{self.name} is not a DataLoader over a map-style dataset: resuming skips its first "
-                              f"{start} batches by iterating over them (their data is loaded and dropped).")
-            for _ in range(start): next(it)
+                              f"{start} batches by iterating over them (their data is loaded and dropped). If it draws "
+                              f"a new order on each pass, the skipped batches and the rest of the epoch may differ "
+                              f"from the interrupted run's, and the resume is not exact.")
+            for k in range(start):
+                try: next(it)
+                except StopIteration:
+                    raise ValueError(f"cannot resume {self.name} at batch {start}: it now yields only {k} batches per "
+                                     f"epoch. The data changed since the checkpoint was written; resume with the same "
+                                     f"data, or start a fresh fit (resume=None).") from None
         return it
 
     def state_dict(self) -> dict:
@@ -150,9 +157,36 @@ class EpochPlan:
             raise ValueError(f"the checkpoint planned {self.name} as a map-style DataLoader, but {self.name} is now "
                              f"a {type(self.dl).__name__}; resume with the same kind of dataloader")
         flat = state['indices'].tolist()
+        size = _dataset_size(self.dl)
+        if flat and size is not None and (max(flat) >= size or min(flat) < -size):
+            raise ValueError(f"cannot resume {self.name}: the checkpoint's plan for this epoch uses sample index "
+                             f"{max(flat)}, but its dataset now has {size} samples. The data changed since the "
+                             f"checkpoint was written; resume with the same data, or start a fresh fit (resume=None).")
         if state['nested']:
             self.batches, pos = [], 0
             for n in state['lengths'].tolist():
                 self.batches.append(flat[pos:pos + n]); pos += n
         else: self.batches = flat
         self.seed = state['seed']
+
+def _dataset_size(dl: DataLoader) -> int | None:
+    "How many samples the map-style dataset of `dl` has (None when it has no length)."
+    try: return len(dl.dataset)
+    except TypeError: return None
+
+def data_generators(*dls: Any) -> list[torch.Generator]:
+    """The `torch.Generator`s that the dataloaders' orders and worker seeds are drawn from: a DataLoader's own
+    `generator=`, its sampler's and its batch sampler's (deduplicated, in a fixed order). Checkpoints save their
+    states, so that resuming keeps the data order of later epochs exact."""
+    found, seen = [], set()
+    def visit(obj, depth=0):
+        if obj is None or depth > 3: return
+        if isinstance(obj, torch.Generator):
+            if id(obj) not in seen: seen.add(id(obj)); found.append(obj)
+            return
+        for attr in ('generator', 'sampler', 'batch_sampler'):
+            child = getattr(obj, attr, None)
+            if child is not None and child is not obj: visit(child, depth + 1)
+    for dl in dls:
+        if isinstance(dl, DataLoader): visit(dl)
+    return found
