@@ -53,3 +53,12 @@ docs: setup
 
 clean:
 	rm -rf _docs _proc _site .pytest_cache tests/artifacts
+
+# On a machine with a CUDA GPU: the CUDA tests and the GPU benchmark in this environment (its PyTorch must see the
+# GPU; without one the tests skip and the benchmark runs tiny sizes on the CPU). Where nothing can be installed,
+# `bash tools/gpu_check.sh` does the same with python3 and the wheels carried in .whl/.
+.PHONY: gpu-check
+gpu-check: setup
+	@CUBLAS_WORKSPACE_CONFIG=:4096:8 $(BIN)/python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_attacks_metrics.py; t=$$?; \
+	$(BIN)/python benchmarks/gpu.py; b=$$?; \
+	echo "gpu-check: tests exit status $$t, benchmark exit status $$b"; exit $$(( t || b ))
