@@ -99,22 +99,22 @@ def hook_writes(pause_at: int | None, fail_after: int | None, marker: Path | Non
     "Wrap nbloop.checkpoint.write_checkpoint (which every checkpoint write goes through) to pause in or fail a write."
     real, count = ckpt.write_checkpoint, [0]
 
-    def write_checkpoint(path, tensors, state=None):
+    def write_checkpoint(path, tensors, state=None, metadata=None):
         count[0] += 1
         path = Path(path)
         if count[0] == pause_at:
             # Produce the real bytes elsewhere, then put the first half of them where nbloop puts its temporary
             # file, as if the process died while writing it.
-            scratch = real(path.parent.parent / f'scratch-{os.getpid()}.safetensors', tensors, state)
+            scratch = real(path.parent.parent / f'scratch-{os.getpid()}.safetensors', tensors, state, metadata)
             data = scratch.read_bytes()
             scratch.unlink()
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path.with_name(f'.{path.name}.{os.getpid()}.tmp'), 'wb') as f:
+            with open(ckpt.temporary_path(path), 'wb') as f:
                 f.write(data[:len(data) // 2])
                 f.flush()
                 os.fsync(f.fileno())
             pause(marker, f'write:{pause_at}:{path.name}')
-        out = real(path, tensors, state)
+        out = real(path, tensors, state, metadata)
         if count[0] == fail_after:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             limit = out.stat().st_size // 2

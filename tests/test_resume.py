@@ -109,8 +109,13 @@ def assert_same_run(got: dict, ref: dict) -> None:
     assert torch.equal(got['rng'], ref['rng']), 'the final torch RNG state differs'
 
 
+def base_name(path) -> str:
+    "A checkpoint's file name without its run id (`-run<8 hex digits>`), which differs from run to run."
+    return re.sub(r'-run[0-9a-f]{8}(?=-epoch)', '', Path(path).name)
+
+
 def resumed_name(got: dict) -> str | None:
-    return got['resumed_from'] and Path(got['resumed_from']).name
+    return got['resumed_from'] and base_name(got['resumed_from'])
 
 
 def newest_checkpoint_before(step: int) -> str | None:
@@ -156,7 +161,7 @@ def _sigkill(pause, *args):
         paused_job(folder, pause, *args, sig=signal.SIGKILL)
         ckpts = folder / 'checkpoints'
         leftovers = [p.name for p in ckpts.iterdir() if p.name.endswith('.tmp')] if ckpts.exists() else []
-        newest = [p.name for p in list_checkpoints(ckpts)[-1:]]
+        newest = [base_name(p) for p in list_checkpoints(ckpts)[-1:]]
         return {'leftovers': leftovers, 'newest': newest, 'got': run(folder, '--resume', *args)}
     return fn
 
@@ -225,7 +230,7 @@ def test_sigkill_then_resume_is_exact(scenario, outcomes, reference):
     out = outcomes[scenario].result()
     if scenario == 'checkpoint-write-begun':
         # the half-written temporary file is still there, and has no checkpoint name: the previous one is newest
-        assert [n.split('.safetensors')[0] for n in out['leftovers']] == ['.ckpt-step000000012-epoch0001-batch6']
+        assert len(out['leftovers']) == 1 and re.fullmatch(r'\.nbl-\d+-[0-9a-f]{8}\.tmp', out['leftovers'][0]), out['leftovers']
         assert out['newest'] == [expected]
     else: assert out['leftovers'] == []
     assert resumed_name(out['got']) == expected
@@ -245,7 +250,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(scenario, outcomes, ref
     assert out['status'] == 143, out['err']
     assert 'fit stopped by SIGTERM' in out['err']
     assert out['saved'] is not None, f"no 'saved checkpoint <path>' on stderr:\n{out['err']}"
-    assert out['saved'].name == SIGTERM_POINTS[scenario.removeprefix('sigterm-')] and out['saved'].exists()
+    assert base_name(out['saved']) == SIGTERM_POINTS[scenario.removeprefix('sigterm-')] and out['saved'].exists()
     assert out['got']['resumed_from'] == str(out['saved'])
     assert_same_run(out['got'], reference)
 
@@ -258,11 +263,11 @@ def test_failed_write_leaves_previous_checkpoint_intact(scenario, outcomes, refe
     assert out['status'] == 1, err
     m = re.search(r'CheckpointWriteError: could not write checkpoint (\S+): OSError: \[Errno 27\] File too large', err)
     assert m, err
-    assert Path(m[1]).name == 'ckpt-step000000006-epoch0000-end.safetensors'
+    assert base_name(m[1]) == 'ckpt-step000000006-epoch0000-end.safetensors'
     assert 'Any previous file at that path is intact.' in err
-    assert out['files'] == ['ckpt-step000000004-epoch0000-batch4.safetensors']   # no temporary file left behind
+    assert [base_name(f) for f in out['files']] == ['ckpt-step000000004-epoch0000-batch4.safetensors']   # no temporary file left
     assert out['state']['kind'] == 'training' and out['state']['training']['train_iter'] == 4
-    assert resumed_name(out['got']) == out['files'][0]
+    assert resumed_name(out['got']) == base_name(out['files'][0])
     assert_same_run(out['got'], reference)
 
 
