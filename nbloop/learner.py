@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,14 @@ from .core import (
     CancelBatchException, CancelEpochException, CancelFitException, CancelTrainException,
     CancelValidateException, Callback, as_callback, build_dispatch, default_device, describe,
     get_rng_state, handlers_of, set_rng_state, split_batch, to_device)
-from .data import EpochPlan
+from .data import EpochPlan, data_generators
 from .metrics import Recorder
 from .progress import ProgressCallback
 from .schedule import LRFinder, LRFindResult, LRScheduler, has_momentum, one_cycle_schedules
 from . import checkpoint
 
 # %% auto #0
-__all__ = ['LossError', 'EmptyDataError', 'Learner', 'synth_data', 'synth_learner']
+__all__ = ['LossError', 'EmptyDataError', 'ModelError', 'FitError', 'Learner', 'synth_data', 'synth_learner']
 
 # %% ../nbs/09_learner.ipynb #8f897072
 class LossError(RuntimeError):
@@ -40,6 +41,15 @@ class LossError(RuntimeError):
 
 class EmptyDataError(ValueError):
     "A dataloader yielded no batches."
+
+class ModelError(RuntimeError):
+    "The model rejected the batch's inputs."
+
+class FitError(RuntimeError):
+    "`fit` cannot run as asked (called from inside a running fit, a model with nothing to train, ...)."
+
+_CANCELS = (CancelBatchException, CancelTrainException, CancelValidateException, CancelEpochException,
+            CancelFitException)
 
 class _Stop(Exception):
     "Raised at a batch boundary after SIGINT or SIGTERM."
@@ -50,7 +60,8 @@ class _GatherPreds(Callback):
     order = 55
     def before_validate(self, learn): self.preds, self.targs = [], []
     def after_batch(self, learn):
-        if not learn.training: self.preds.append(learn.pred.detach()); self.targs.append(learn.yb[0])
+        if not learn.training and learn.pred is not None:
+            self.preds.append(learn.pred.detach()); self.targs.append(learn.yb[0])
 
 _LOOP_LAYOUT = [
     ('before_fit', 0), ('before_epoch', 1), ('before_train', 2), ('[each training batch]', 3),
@@ -69,11 +80,16 @@ class Learner:
                  path: str | Path = '.'):
         if not isinstance(model, nn.Module):
             raise TypeError(f'model must be a torch.nn.Module; got {describe(model)}')
+        if train_dl is None: raise TypeError('train_dl is required: an iterable of (x, y) batches')
         for name, dl in (('train_dl', train_dl), ('valid_dl', valid_dl)):
-            if dl is not None and not hasattr(dl, '__iter__'):
+            if dl is None: continue
+            if not hasattr(dl, '__iter__'):
                 raise TypeError(f'{name} must be an iterable of batches (a DataLoader, a list of (x, y) tuples, ...); '
                                 f'got {describe(dl)}')
-        if train_dl is None: raise TypeError('train_dl is required: an iterable of (x, y) batches')
+            if isinstance(dl, Iterator):
+                raise TypeError(f'{name} is a one-shot iterator ({type(dl).__name__}): it can be iterated only once, '
+                                f'but every epoch iterates it again. Pass something re-iterable: a DataLoader, a list '
+                                f'of batches, or an object whose __iter__ returns a new iterator each time.')
         if not callable(loss_func): raise TypeError(f'loss_func must be callable, like F.cross_entropy; got {loss_func!r}')
         if not (isinstance(lr, (int, float)) and lr > 0): raise ValueError(f'lr must be a positive number, got {lr!r}')
         self.device = torch.device(device) if device is not None else default_device()
@@ -82,17 +98,26 @@ class Learner:
         self.path = Path(path)
         self.opt = opt_func(self.model.parameters(), lr=lr)
         self.recorder = Recorder(metrics)
-        self.metrics = self.recorder.metrics
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.scaler = None
         self.cbs: list[Callback] = []
         self.epoch = self.n_epochs = self.iter = self.train_iter = 0
         self.n_iter = self.total_steps = None
         self.training, self.pct_train, self.in_lr_find = False, 0., False
+        self.pred = self.loss = self.loss_grad = None
         self.interrupted = self.resumed_from = None
+        self.fit_method = 'fit'
         self.train_plan: EpochPlan | None = None
-        self._stop = None
+        self._stop, self._deferred, self._in_fit = None, [], False
         self.add_cbs([self.recorder, ProgressCallback(), *cbs])
+
+    @property
+    def metrics(self) -> Sequence:
+        "The metrics computed in validation (the recorder's); assigning a new list replaces them."
+        return self.recorder.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Sequence) -> None: self.recorder.metrics = metrics
 
     # -- callbacks ------------------------------------------------------------------------------------------
     def add_cbs(self, cbs: Iterable) -> list[Callback]:
@@ -143,7 +168,20 @@ class Learner:
         return self.removed_cbs([ProgressCallback])
 
     def _fire(self, event: str) -> None:
-        for handler in self._dispatch.get(event, ()): handler(self)
+        try:
+            for handler in self._dispatch.get(event, ()): handler(self)
+        except _CANCELS:
+            if self._deferred: self._run_deferred()
+            raise
+        if self._deferred: self._run_deferred()
+
+    def defer(self, fn: Callable[[], Any]) -> None:
+        "Call `fn()` once every handler of the event being fired has run (also when one cancelled), whatever the orders."
+        self._deferred.append(fn)
+
+    def _run_deferred(self) -> None:
+        todo, self._deferred = self._deferred, []
+        for fn in todo: fn()
 
     def show_training_loop(self) -> None:
         "Print, for each event in loop order, the callbacks that run at it."
@@ -160,13 +198,46 @@ class Learner:
             elif not ev.startswith('after_cancel'): lines.append('  ' * depth + f'{ev}: -')
         print('\n'.join(lines))
 
+    # -- random state ----------------------------------------------------------------------------------------
+    def _generators(self) -> list[torch.Generator]:
+        return data_generators(self.train_dl, self.valid_dl)
+
+    def capture_rng(self) -> dict:
+        "The global random states (python, numpy, torch, CUDA) and those of the data pipeline's own generators."
+        state = get_rng_state()
+        state['generators'] = [g.get_state() for g in self._generators()]
+        return state
+
+    def restore_rng(self, state: dict) -> None:
+        "Restore what `capture_rng` returned: the global generators, then the data pipeline's."
+        set_rng_state(state)
+        saved, gens = state.get('generators', []), self._generators()
+        if len(saved) != len(gens):
+            warnings.warn(f'the checkpoint holds the states of {len(saved)} data generator(s), but train_dl and valid_dl '
+                          f'now have {len(gens)}: their random order will differ from the interrupted run')
+        for g, s in zip(gens, saved): g.set_state(s)
+
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self, n_epochs: int, lr: float | None = None, cbs: Sequence = (), resume: str | Path | None = None) -> None:
         "Train for `n_epochs`; `cbs` are added for this call only; `resume` is None, 'last' or a checkpoint path."
+        self._check_fit_args(n_epochs, resume)
+        if lr is not None:
+            self.set_lr(lr)
+            if resume is not None:
+                warnings.warn(f'fit(lr={lr}, resume=...): the learning rate comes from the checkpoint (its optimizer '
+                              f'state and schedules), so lr={lr} is not used; to train on with another rate, load the '
+                              f'checkpoint (learn.load) and fit without resume')
+        with self.added_cbs(cbs): self._fit(n_epochs, resume, 'fit')
+
+    def _check_fit_args(self, n_epochs: int, resume) -> None:
+        if self._in_fit:
+            raise FitError('fit was called while this learner is already fitting (from inside a callback?); a fit '
+                           'cannot run inside another. Train afterwards, or use a second Learner.')
         if not isinstance(n_epochs, int) or isinstance(n_epochs, bool) or n_epochs < 0:
             raise ValueError(f'n_epochs must be a whole number >= 0, got {n_epochs!r}')
-        if lr is not None: self.set_lr(lr)
-        with self.added_cbs(cbs): self._fit(n_epochs, resume)
+        if resume is not None and (isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike))):
+            raise TypeError(f"resume must be None (start fresh), 'last' (the newest checkpoint in the "
+                            f"CheckpointCallback's folder) or the path of a checkpoint file; got {resume!r}")
 
     def set_lr(self, lr: float) -> None:
         "Set the learning rate of the first parameter group to `lr`; other groups keep their ratio to it."
@@ -175,8 +246,15 @@ class Learner:
         ratios = [g['lr'] / groups[0]['lr'] if groups[0]['lr'] else 1. for g in groups]
         for g, r in zip(groups, ratios): g['lr'] = lr * r
 
-    def _fit(self, n_epochs: int, resume) -> None:
-        self.n_epochs, self.interrupted, self.resumed_from = n_epochs, None, None
+    def _check_trainable(self) -> None:
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise FitError(f'every parameter of the model ({type(self.model).__name__}) is frozen (requires_grad=False), '
+                           f'so training would change nothing. Unfreeze what should train, e.g. '
+                           f'`for p in model.head.parameters(): p.requires_grad_(True)`.')
+
+    def _fit(self, n_epochs: int, resume, method: str) -> None:
+        self.n_epochs, self.interrupted, self.resumed_from, self.fit_method = n_epochs, None, None, method
+        self._check_trainable()
         self.train_plan = EpochPlan(self.train_dl, 'train_dl')
         n = self.train_plan.length()
         if n == 0: raise EmptyDataError(self._empty_message('train_dl'))
@@ -184,45 +262,63 @@ class Learner:
             raise EmptyDataError(self._empty_message('valid_dl') + ' Pass valid_dl=None to train without validation.')
         self.total_steps = None if n is None else n * n_epochs
         self.epoch, self.iter, self.train_iter, self.pct_train = 0, 0, 0, 0.
+        self._epochs_done = 0
         state = checkpoint.resume_state(self, resume) if resume is not None else None
         position = {'epoch': 0, 'iter': 0, 'phase': 'train'}
         if state is not None:
             checkpoint.apply_model_state(self, state)
             position = state['training']['position']
             self.train_iter, self.resumed_from = state['training']['train_iter'], Path(state['path'])
-        with self._stop_signals():
-            try:
+            self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
+            if position['epoch'] >= n_epochs:
+                warnings.warn(f"{state['path']} is at epoch {position['epoch']} ({position['phase']}), which is not "
+                              f"before {self.fit_method}({n_epochs}): there is nothing left to train. Pass more epochs "
+                              f"to continue training the resumed run.")
+        self._in_fit, self._deferred = True, []
+        try:
+            with self._stop_signals():
                 try:
-                    self._fire('before_fit')
-                    if state is not None:
-                        checkpoint.apply_callback_states(self, state)
-                        if position['phase'] == 'end': set_rng_state(state['rng'])
-                    resume_epoch = state if state is not None and position['phase'] != 'end' else None
-                    for epoch in range(position['epoch'], n_epochs):
-                        self.epoch = epoch
-                        self._do_epoch(resume_epoch if epoch == position['epoch'] else None)
-                except CancelFitException: self._fire('after_cancel_fit')
-                except _Stop as stop: self.interrupted = stop.signame
-            except BaseException:
-                self._cleanup_after_error()
-                raise
-            self._fire('after_fit')
-            if self.interrupted is None and self._stop is not None: self.interrupted = self._stop
+                    try:
+                        self._fire('before_fit')
+                        if state is not None:
+                            checkpoint.apply_callback_states(self, state)
+                            if position['phase'] == 'end': self.restore_rng(state['rng'])
+                        resume_epoch = state if state is not None and position['phase'] != 'end' else None
+                        for epoch in range(position['epoch'], n_epochs):
+                            self.epoch = epoch
+                            self._do_epoch(resume_epoch if epoch == position['epoch'] else None)
+                    except CancelFitException: self._fire('after_cancel_fit')
+                    except _Stop as stop: self.interrupted = stop.signame
+                except BaseException:
+                    self._after_fit(cleanup=True)
+                    raise
+                if self.interrupted is None and self._stop is not None: self.interrupted = self._stop
+                self._after_fit(cleanup=self.interrupted is not None)
+        finally: self._in_fit, self._deferred = False, []
         if self.interrupted == 'SIGINT':
-            raise KeyboardInterrupt(f'fit stopped by Ctrl-C (SIGINT) at epoch {self.epoch}, training step {self.train_iter}')
+            raise KeyboardInterrupt(f'{self.fit_method} stopped by Ctrl-C (SIGINT) at epoch {self.epoch}, '
+                                    f'training step {self.train_iter}')
         if self.interrupted == 'SIGTERM':
-            print(f'nbloop: fit stopped by SIGTERM at epoch {self.epoch}, training step {self.train_iter}; exiting',
-                  file=sys.stderr, flush=True)
+            print(f'nbloop: {self.fit_method} stopped by SIGTERM at epoch {self.epoch}, training step {self.train_iter}; '
+                  f'exiting', file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.SIGTERM)
 
-    def _cleanup_after_error(self) -> None:
-        "Run every `after_fit` handler while an error propagates; their own failures become warnings, not new errors."
-        for handler in self._dispatch.get('after_fit', ()):
-            try: handler(self)
-            except Exception as e:
-                owner = getattr(handler, '__self__', handler)
-                warnings.warn(f'{type(owner).__name__}.after_fit failed while cleaning up after an error: '
-                              f'{type(e).__name__}: {e}')
+    def _after_fit(self, cleanup: bool) -> None:
+        """Run every `after_fit` handler, whatever any of them raises. When the fit is already ending with an error or
+        an interrupt (`cleanup`), their failures become warnings, so that the error (or the interrupt) you see is the
+        one that stopped the fit; otherwise the first failure is raised once all handlers have run."""
+        failures = []
+        def attempt(fn, *args):
+            try: fn(*args)
+            except BaseException as e: failures.append((fn, e))   # not even a KeyboardInterrupt skips the rest
+        for handler in self._dispatch.get('after_fit', ()): attempt(handler, self)
+        attempt(self._run_deferred)                                # what the handlers deferred
+        for i, (handler, e) in enumerate(failures):
+            if i == 0 and not cleanup: continue
+            owner = getattr(handler, '__self__', handler)
+            when = 'while cleaning up after an error or interrupt' if cleanup else 'after another after_fit failure'
+            warnings.warn(f'{type(owner).__name__}.after_fit failed {when}: {type(e).__name__}: {e}')
+        if failures and not cleanup: raise failures[0][1]
 
     def _empty_message(self, name: str) -> str:
         dl = getattr(self, name)
@@ -237,10 +333,12 @@ class Learner:
             self._fire('before_epoch')
             phase = resume['training']['position']['phase'] if resume is not None else 'train'
             if phase == 'train': self._do_train(resume)
-            elif resume is not None: set_rng_state(resume['rng'])
+            elif resume is not None: self.restore_rng(resume['rng'])
             if self.valid_dl is not None: self._do_validate(self.valid_dl)
         except CancelEpochException: self._fire('after_cancel_epoch')
+        if self.recorder in self.cbs: self.recorder.end_epoch(self)
         self._fire('after_epoch')
+        self._epochs_done += 1
 
     def _do_train(self, resume: dict | None) -> None:
         self.training, self.dl, self._dl_name = True, self.train_dl, 'train_dl'
@@ -254,13 +352,15 @@ class Learner:
         try:
             self._fire('before_train')
             batches = self.train_plan.iterate(start)
-            if resume is not None: set_rng_state(resume['rng'])
+            if resume is not None: self.restore_rng(resume['rng'])
             seen = 0
             for self.iter, batch in enumerate(batches, start):
-                self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
                 self._do_batch(batch)
                 seen += 1
-            if seen == 0 and start == 0: raise EmptyDataError(self._empty_message('train_dl'))
+            if seen == 0 and start == 0:
+                again = (f' It yielded batches in an earlier epoch, so it is not re-iterable: pass a DataLoader, a list, '
+                         f'or an object whose __iter__ starts over each time.' if self._epochs_done else '')
+                raise EmptyDataError(self._empty_message('train_dl') + again)
         except CancelTrainException: self._fire('after_cancel_train')
         self._fire('after_train')
 
@@ -270,22 +370,31 @@ class Learner:
         self.n_iter = _length(dl)
         try:
             self._fire('before_validate')
+            seen = 0
             with torch.no_grad():
-                for self.iter, batch in enumerate(dl): self._do_batch(batch)
+                for self.iter, batch in enumerate(dl):
+                    self._do_batch(batch)
+                    seen += 1
+            if seen == 0:
+                again = (' It yielded batches before, so it is not re-iterable: pass a DataLoader, a list, or an object '
+                         'whose __iter__ starts over each time.' if self._dl_name == 'valid_dl' and self._epochs_done else '')
+                raise EmptyDataError(f'{self._dl_name} yielded no batches, so there is nothing to validate on.{again}')
         except CancelValidateException: self._fire('after_cancel_validate')
         self._fire('after_validate')
 
     def _do_batch(self, batch) -> None:
         xb, yb = split_batch(batch, self._dl_name)
         self.xb, self.yb = to_device(xb, self.device), to_device(yb, self.device)
+        counted = False
         try:
             self._fire('before_batch')
             with self.autocast():
-                self.pred = self.model(*self.xb)
+                self.pred = self._forward()
                 self._fire('after_pred')
                 self.loss_grad = self._compute_loss()
                 self.loss = self.loss_grad.detach()
                 self._fire('after_loss')
+            counted = True
             if self.training:
                 self._fire('before_backward')
                 if self.scaler is not None: self.scaler.scale(self.loss_grad).backward()
@@ -298,10 +407,25 @@ class Learner:
                 else: self.opt.step()
                 self._fire('after_step')
                 self.opt.zero_grad(set_to_none=True)
-        except CancelBatchException: self._fire('after_cancel_batch')
-        if self.training: self.train_iter += 1
+        except CancelBatchException:
+            if not counted: self.pred = self.loss = self.loss_grad = None   # contributes nothing
+            self._fire('after_cancel_batch')
+        if self.training:
+            self.train_iter += 1
+            self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
         self._fire('after_batch')
         if self._stop is not None: raise _Stop(self._stop)
+
+    def _forward(self):
+        try: return self.model(*self.xb)
+        except (TypeError, RuntimeError) as e:
+            # a TypeError is an argument mismatch; a RuntimeError on the first batch is most likely a shape mismatch
+            if isinstance(e, RuntimeError) and (self.iter or isinstance(e, torch.cuda.OutOfMemoryError)): raise
+            raise ModelError(f'the model ({type(self.model).__name__}) failed on a batch of {self._dl_name}, called as '
+                             f'model(*xs) with {len(self.xb)} input(s): {describe(self.xb)}: {type(e).__name__}: {e}. '
+                             f'A batch (x, y) feeds model(x), a batch (x1, x2, y) feeds model(x1, x2): check that the '
+                             f'batch has one item per model input, then the target, and that their shapes fit the '
+                             f'model.') from e
 
     def _compute_loss(self) -> torch.Tensor:
         try: loss = self.loss_func(self.pred, *self.yb)
@@ -311,9 +435,14 @@ class Learner:
                             f'({describe(self.yb[0])}): {type(e).__name__}: {e}. Check that the model output and '
                             f'the targets have the shapes and dtypes this loss expects.') from e
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            if isinstance(loss, torch.Tensor) and loss.numel() == 1: return loss.reshape(())
-            raise LossError(f'loss_func must return a scalar (a 0-d tensor), but it returned a {describe(loss)}; '
-                            f"reduce it, e.g. with .mean() or reduction='mean'.")
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1: loss = loss.reshape(())
+            else: raise LossError(f'loss_func must return a scalar (a 0-d tensor), but it returned a {describe(loss)}; '
+                                  f"reduce it, e.g. with .mean() or reduction='mean'.")
+        if self.training and not loss.requires_grad and torch.is_grad_enabled():
+            raise LossError(f'the loss has no gradient (requires_grad=False), so backward() cannot train the model: it '
+                            f'does not depend on any trainable parameter. Compute it from the predictions without '
+                            f'.detach(), .item(), argmax or torch.no_grad(), and check that the model has trainable '
+                            f'parameters.')
         return loss
 
     @contextlib.contextmanager
@@ -339,15 +468,17 @@ class Learner:
                       pct_start: float = 0.25, moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
                       cbs: Sequence = (), resume: str | Path | None = None) -> None:
         "Train with the one-cycle policy: cosine warm-up to `lr_max`, cosine annealing; momentum the opposite way."
+        self._check_fit_args(n_epochs, resume)
         n = _length(self.train_dl)
         if n is None: raise TypeError('fit_one_cycle needs len(train_dl) to lay out the cycle; this train_dl has no len()')
         lr_sched, mom_sched = one_cycle_schedules(max(n * n_epochs, 1), lr_max, div, div_final, pct_start, moms)
         scheds = [LRScheduler(lr_sched, 'lr')]
         if has_momentum(self.opt.param_groups[0]): scheds.append(LRScheduler(mom_sched, 'momentum'))
-        self.fit(n_epochs, cbs=[*scheds, *cbs], resume=resume)
+        with self.added_cbs([*scheds, *cbs]): self._fit(n_epochs, resume, 'fit_one_cycle')
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, stop_div: bool = True) -> LRFindResult:
         "Sweep the learning rate exponentially over `num_it` training batches; afterwards the learner is exactly as before."
+        self._check_fit_args(0, None)
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
         n = _length(self.train_dl)
         n_epochs = math.ceil(num_it / n) if n else num_it
@@ -355,20 +486,20 @@ class Learner:
         self.in_lr_find = True
         try:
             with self.removed_cbs([cb for cb in self.cbs if not cb.runs_in_lr_find]), self.added_cbs([finder]):
-                self._fit(n_epochs, None)
+                self._fit(n_epochs, None, 'lr_find')
         finally:
             self.in_lr_find = False
             self._restore(saved)
         return LRFindResult.from_curve(finder.lrs, finder.raw, diverged=finder.stopped_at is not None)
 
     _counters = ('epoch', 'n_epochs', 'iter', 'n_iter', 'train_iter', 'total_steps', 'training', 'pct_train',
-                 'train_plan', 'interrupted', 'resumed_from')
+                 'train_plan', 'interrupted', 'resumed_from', 'fit_method')
 
     def _snapshot(self) -> dict:
         "Everything `lr_find` may change: weights, buffers, gradients, optimizer, scaler, RNGs, counters, callback states."
         return {'model': {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 'grads': [None if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()],
-                'opt': copy.deepcopy(self.opt.state_dict()), 'rng': get_rng_state(),
+                'opt': copy.deepcopy(self.opt.state_dict()), 'rng': self.capture_rng(),
                 'scaler': None if self.scaler is None else copy.deepcopy(self.scaler.state_dict()),
                 'scaler_obj': self.scaler, 'autocast': self.autocast,
                 'cbs': {id(cb): copy.deepcopy(cb.state_dict()) for cb in self.cbs
@@ -384,7 +515,7 @@ class Learner:
         for cb in self.cbs:
             if id(cb) in saved['cbs']: cb.load_state_dict(saved['cbs'][id(cb)])
         for k, v in saved['counters'].items(): setattr(self, k, v)
-        set_rng_state(saved['rng'])
+        self.restore_rng(saved['rng'])
 
     def validate(self, dl: Iterable | None = None) -> dict[str, float]:
         "Evaluate on `dl` (default: `valid_dl`): `{'valid_loss': ..., <metric>: ...}`."
@@ -395,8 +526,9 @@ class Learner:
         finally: self.model.train(was_training)
         return dict(self.recorder.values)
 
-    def get_preds(self, dl: Iterable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        "Predictions and targets on `dl` (default: `valid_dl`), concatenated, on the CPU."
+    def get_preds(self, dl: Iterable | None = None) -> tuple[torch.Tensor | list, torch.Tensor | list]:
+        """Predictions and targets on `dl` (default: `valid_dl`), on the CPU: concatenated tensors, or, when batches
+        differ in shape beyond the first dimension (sequences of different lengths), lists of per-batch tensors."""
         dl = self.valid_dl if dl is None else dl
         if dl is None: raise ValueError('get_preds needs a dataloader: pass dl=..., or create the Learner with a valid_dl')
         was_training = self.model.training
@@ -404,14 +536,15 @@ class Learner:
             try: self._do_validate(dl)
             finally: self.model.train(was_training)
         if not gather.preds: return torch.empty(0), torch.empty(0)
-        return torch.cat(gather.preds).cpu(), torch.cat(gather.targs).cpu()
+        return _cat_or_list(gather.preds, 'predictions'), _cat_or_list(gather.targs, 'targets')
 
     def predict(self, x: Any) -> Any:
-        "The model's output on `x` as given (a batch; use `x[None]` for one example), in eval mode, without gradients."
+        "The model's output on `x` as given (a batch; use `x[None]` for one example; a tuple feeds several inputs), in eval mode, without gradients."
         was_training = self.model.training
         self.model.eval()
+        xs = to_device(x, self.device) if isinstance(x, tuple) else (to_device(x, self.device),)
         try:
-            with torch.no_grad(), self.autocast(): return self.model(to_device(x, self.device))
+            with torch.no_grad(), self.autocast(): return self.model(*xs)
         finally: self.model.train(was_training)
 
     def save(self, name_or_path: str | Path, with_opt: bool = True) -> Path:
@@ -426,6 +559,14 @@ class Learner:
 def _length(dl) -> int | None:
     try: return len(dl)
     except TypeError: return None
+
+def _cat_or_list(tensors: list[torch.Tensor], what: str) -> torch.Tensor | list[torch.Tensor]:
+    "Concatenate along the first dimension when the shapes allow it; otherwise the list of CPU tensors, with a warning."
+    if len({t.shape[1:] for t in tensors}) == 1: return torch.cat(tensors).cpu()
+    warnings.warn(f'get_preds: the batches\' {what} differ in shape beyond the first dimension '
+                  f'({", ".join(str(tuple(t.shape)) for t in tensors[:3])}, ...), so they cannot be concatenated; '
+                  f'returning a list with one tensor per batch')
+    return [t.cpu() for t in tensors]
 
 # %% ../nbs/09_learner.ipynb #93501b7e
 def synth_data(n: int = 128, n_features: int = 4, n_classes: int | None = None, batch_size: int = 16,

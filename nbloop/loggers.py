@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .core import Callback, is_main_process
+from .core import Callback, check_state, is_main_process
 
 if TYPE_CHECKING:
     from nbloop.learner import Learner
@@ -56,7 +56,7 @@ class CSVLogger(Callback):
             warnings.warn(f'{path} has columns {header}, this fit writes {self.columns}: appended rows will not line up')
 
     def after_batch(self, learn: Learner):
-        if self.active and learn.training:
+        if self.active and learn.training and learn.loss is not None:   # None: cancelled before its loss
             self._pending.append((learn.epoch, learn.iter, learn.loss, learn.opt.param_groups[0]['lr']))
 
     def _write_pending(self):
@@ -96,7 +96,11 @@ class CSVLogger(Callback):
         self._sync()
         return {'offset': self.file.tell()}
 
+    def check_state_dict(self, state: dict) -> None:
+        check_state(state, 'CSVLogger', offset=lambda v: v is None or isinstance(v, int) and v >= 0)
+
     def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
         if state.get('offset') is None or not getattr(self, 'active', False) or self.file is None: return
         self.file.flush()
         self.file.truncate(state['offset'])
@@ -170,7 +174,7 @@ class TensorBoardLogger(Callback):
         fw.add_summary(exp); fw.add_summary(ssi)
 
     def after_batch(self, learn: Learner):
-        if self.active and learn.training:
+        if self.active and learn.training and learn.loss is not None:   # None: cancelled before its loss
             self._pending.append((learn.train_iter, learn.loss, learn.opt.param_groups[0]['lr']))
 
     def _write_pending(self, learn: Learner):
@@ -215,7 +219,12 @@ class TensorBoardLogger(Callback):
         for w in self.writers.values(): w.flush()
         return {'run_dir': str(self.run_dir), 'step': self._learn.train_iter}
 
+    def check_state_dict(self, state: dict) -> None:
+        check_state(state, 'TensorBoardLogger', run_dir=(str, type(None)))
+        if state['run_dir'] is not None: check_state(state, 'TensorBoardLogger', step=int)
+
     def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
         if not getattr(self, 'active', False) or state.get('run_dir') is None: return
         for w in self.writers.values(): w.close()
         self.writers, self.run_dir, self._purge = {}, Path(state['run_dir']), state['step'] + 1

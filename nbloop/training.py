@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .core import CancelBatchException, CancelFitException, Callback
+from .core import CancelBatchException, CancelFitException, Callback, check_state, is_main_process
 
 if TYPE_CHECKING:
     from nbloop.learner import Learner
@@ -41,6 +41,21 @@ class MixedPrecision(Callback):
     def after_fit(self, learn: Learner):
         learn.autocast, learn.scaler = self._saved
 
+    def state_dict(self) -> dict:
+        "The gradient scaler's state (float16), so that checkpoints, the one written on interrupt too, carry it."
+        return {'scaler': self.scaler.state_dict() if self.scaler is not None else None}
+
+    def check_state_dict(self, state: dict) -> None:
+        check_state(state, 'MixedPrecision', scaler=(dict, type(None)))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
+        if state.get('scaler') is None: return
+        if self.scaler is None:
+            raise ValueError('the checkpoint holds a float16 gradient scaler state, but this MixedPrecision uses '
+                             f'{self.dtype}: resume with MixedPrecision(torch.float16)')
+        self.scaler.load_state_dict(state['scaler'])
+
 # %% ../nbs/07_training.ipynb #1c1caae4
 class GradientAccumulation(Callback):
     "Accumulate gradients over `n_batches` training batches before each optimizer step."
@@ -62,7 +77,10 @@ class GradientAccumulation(Callback):
         if self.count % self.n_batches: raise CancelBatchException()
 
     def state_dict(self) -> dict: return {'count': self.count}
-    def load_state_dict(self, state: dict) -> None: self.count = state['count']
+    def check_state_dict(self, state: dict) -> None: check_state(state, 'GradientAccumulation', count=int)
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
+        self.count = state['count']
 
 # %% ../nbs/07_training.ipynb #58207422
 class GradientClip(Callback):
@@ -80,15 +98,34 @@ class GradientClip(Callback):
 
 # %% ../nbs/07_training.ipynb #03e4cc49
 class EarlyStopping(Callback):
-    "Stop when `monitor` has not improved by `min_delta` for `patience` epochs."
+    """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs, and say so; with
+    `restore_best`, the model gets back the weights of its best epoch when the fit ends (stopped early or not)."""
     order = 95
 
-    def __init__(self, monitor: str = 'valid_loss', mode: str = 'min', patience: int = 3, min_delta: float = 0.):
+    def __init__(self, monitor: str = 'valid_loss', mode: str = 'min', patience: int = 3, min_delta: float = 0.,
+                 restore_best: bool = False):
         if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(patience, int) or patience < 1: raise ValueError(f'patience must be a whole number >= 1, got {patience!r}')
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, abs(min_delta)
-        self.best, self.wait, self.stopped_epoch = None, 0, None
+        self.restore_best = restore_best
+        self._reset()
 
-    def before_fit(self, learn: Learner): self.best, self.wait, self.stopped_epoch = None, 0, None
+    def _reset(self):
+        self.best, self.best_epoch, self.wait, self.stopped_epoch, self.best_weights = None, None, 0, None, None
+        self._finished = False
+
+    def before_fit(self, learn: Learner): self._reset()
+
+    def before_epoch(self, learn: Learner):
+        if self.wait >= self.patience:      # a resumed run that had already stopped
+            self.stopped_epoch = learn.epoch - 1
+            self._say(f'EarlyStopping: the resumed run had already stopped after epoch {learn.epoch - 1} '
+                      f'({self._why()}); nothing more to train')
+            raise CancelFitException()
+
+    def _why(self) -> str:
+        return (f"{self.monitor} did not improve by more than {self.min_delta:g} for {self.wait} epochs; best "
+                f"{self.best:.6g} at epoch {self.best_epoch}")
 
     def after_epoch(self, learn: Learner):
         row = learn.recorder.history[-1] if learn.recorder.history else {}
@@ -97,38 +134,90 @@ class EarlyStopping(Callback):
                            f"{', '.join(row)}); pass monitor= one of those")
         value = row[self.monitor]
         better = self.best is None or (value < self.best - self.min_delta if self.mode == 'min' else value > self.best + self.min_delta)
-        if better: self.best, self.wait = value, 0
-        else:
-            self.wait += 1
-            if self.wait >= self.patience:
-                self.stopped_epoch = learn.epoch
-                raise CancelFitException()
+        if better:
+            self.best, self.best_epoch, self.wait = value, learn.epoch, 0
+            if self.restore_best:  # sync point: once per improving epoch
+                self.best_weights = {k: v.detach().to('cpu', copy=True) for k, v in learn.model.state_dict().items()}
+        else: self.wait += 1
+        self._finished = learn.epoch + 1 >= learn.n_epochs
+        if self.wait >= self.patience:
+            self.stopped_epoch, self._finished = learn.epoch, True
+            self._say(f'EarlyStopping: stopped after epoch {learn.epoch}: {self._why()}')
+            raise CancelFitException()
 
-    def state_dict(self) -> dict: return {'best': self.best, 'wait': self.wait}
-    def load_state_dict(self, state: dict) -> None: self.best, self.wait = state['best'], state['wait']
+    def after_fit(self, learn: Learner):
+        if not (self.restore_best and self._finished and self.best_weights is not None) or learn.interrupted: return
+        if self.best_epoch == learn.epoch: return          # the last epoch was the best: nothing to restore
+        learn.model.load_state_dict({k: v.to(learn.device) for k, v in self.best_weights.items()})
+        self._say(f'EarlyStopping: restored the weights of epoch {self.best_epoch} ({self.monitor} {self.best:.6g})')
+
+    def _say(self, message: str) -> None:
+        if is_main_process(): print(message, flush=True)
+
+    def state_dict(self) -> dict:
+        state = {'best': self.best, 'best_epoch': self.best_epoch, 'wait': self.wait}
+        if self.restore_best: state['best_weights'] = self.best_weights
+        return state
+
+    def check_state_dict(self, state: dict) -> None:
+        check_state(state, 'EarlyStopping', best=(int, float, type(None)), wait=int)
+        if self.restore_best and state.get('best_weights') is not None:
+            check_state(state, 'EarlyStopping', best_weights=lambda w: isinstance(w, dict) and all(isinstance(v, torch.Tensor) for v in w.values()))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
+        self.best, self.best_epoch, self.wait = state['best'], state.get('best_epoch'), state['wait']
+        if self.restore_best: self.best_weights = state.get('best_weights')
 
 # %% ../nbs/07_training.ipynb #5f7d1464
 class TerminateOnNaN(Callback):
-    "Stop the fit when the training loss is NaN or infinite (checked every `check_every` batches)."
+    "Stop the fit when the training loss is NaN or infinite: within a batch or two, with no per-batch device sync."
     order = 55
 
     def __init__(self, check_every: int = 50):
-        self.check_every = check_every
+        self.check_every = check_every     # only for devices without asynchronous copies (MPS)
         self.stopped_at = None
 
-    def before_fit(self, learn: Learner): self._bad, self.stopped_at = None, None
+    def before_fit(self, learn: Learner):
+        self._bad, self._copy, self.stopped_at = None, None, None
 
     def after_batch(self, learn: Learner):
-        if not learn.training: return
+        if not learn.training or learn.loss is None: return
         bad = ~torch.isfinite(learn.loss)
+        if bad.device.type == 'cpu':
+            if bad: self._stop(learn.train_iter)           # a CPU tensor: no device to wait for
+            return
         self._bad = bad if self._bad is None else self._bad | bad
-        if learn.train_iter % self.check_every == 0: self._check(learn)
+        if bad.device.type == 'cuda':
+            if self._copy is not None and self._copy[2].query():   # the last copy arrived: read it, no waiting
+                self._read()
+            if self._copy is None: self._start_copy(learn.train_iter)
+        elif learn.train_iter % self.check_every == 0: self._check_now(learn)
 
-    def after_train(self, learn: Learner): self._check(learn)
+    def _start_copy(self, step: int) -> None:
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(self._bad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._copy, self._bad = (step, host, event), None
 
-    def _check(self, learn: Learner):
-        if self._bad is not None and bool(self._bad):   # sync point: every check_every batches
-            self.stopped_at = learn.train_iter
-            warnings.warn(f'TerminateOnNaN: the training loss became NaN or infinite by training step {learn.train_iter}; '
-                          f'stopping the fit')
-            raise CancelFitException()
+    def _read(self) -> None:
+        step, host, _ = self._copy
+        self._copy = None
+        if host: self._stop(step)
+
+    def after_train(self, learn: Learner): self._check_now(learn)
+
+    def _check_now(self, learn: Learner) -> None:
+        if self._copy is not None:
+            self._copy[2].synchronize()                       # sync point: once per epoch
+            self._read()
+        if self._bad is not None:
+            bad, self._bad = bool(self._bad), None            # sync point: once per epoch
+            if bad: self._stop(learn.train_iter)
+
+    def _stop(self, step: int):
+        self.stopped_at = step
+        warnings.warn(f'TerminateOnNaN: the training loss became NaN or infinite by training step {step}; '
+                      f'stopping the fit')
+        raise CancelFitException()
