@@ -21,8 +21,8 @@ import torch
 __all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'FOREIGN_HOOKS', 'Event', 'CancelBatchException', 'CancelTrainException',
            'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'camel_to_snake', 'Callback',
            'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback', 'handlers_of', 'build_dispatch',
-           'default_device', 'to_device', 'BatchError', 'describe', 'split_batch', 'get_rng_state', 'set_rng_state',
-           'DebiasedEMA', 'new_figure', 'get_rank', 'get_world_size', 'is_main_process']
+           'default_device', 'to_device', 'BatchError', 'describe', 'split_batch', 'check_state', 'get_rng_state',
+           'set_rng_state', 'DebiasedEMA', 'new_figure', 'get_rank', 'get_world_size', 'is_main_process']
 
 # %% ../nbs/00_core.ipynb #8cbfe84a
 class Event(str, Enum):
@@ -214,6 +214,16 @@ def split_batch(batch: Any, source: str = 'the dataloader') -> tuple[tuple, tupl
         raise BatchError(f"{source} yielded a batch that is a {describe(batch)}; a batch is (x, y) or "
                          f"(*xs, y): a tuple or list of at least two items, the inputs then the target.")
     return tuple(batch[:-1]), (batch[-1],)
+
+# %% ../nbs/00_core.ipynb #abc25f83
+def check_state(state: Any, owner: str, **expected: type | tuple | Callable[[Any], bool]) -> None:
+    "Raise `ValueError` unless `state` is a dict with each key of `expected`, of that type (or passing that test)."
+    if not isinstance(state, dict): raise ValueError(f'the state of {owner} must be a dict, not a {describe(state)}')
+    for key, kind in expected.items():
+        if key not in state: raise ValueError(f"the state of {owner} has no '{key}' (it has: {', '.join(map(str, state))})")
+        value = state[key]
+        ok = isinstance(value, kind) if isinstance(kind, (type, tuple)) else kind(value)
+        if not ok: raise ValueError(f"the state of {owner} has a '{key}' that is a {describe(value)}, which it cannot load")
 
 # %% ../nbs/00_core.ipynb #b1adc27d
 def get_rng_state() -> dict:

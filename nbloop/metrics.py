@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Callback, DebiasedEMA, camel_to_snake, describe, new_figure
+from .core import Callback, DebiasedEMA, camel_to_snake, check_state, describe, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -377,8 +377,16 @@ class Recorder(Callback):
                 'epoch_start': self._epoch_start, 'epoch_ends': list(self._epoch_ends),
                 'smooth': self._ema.avg, 'n_smooth': self._ema.n, 'row': dict(self._row)}
 
+    def check_state_dict(self, state: dict) -> None:
+        "Raise ValueError unless `load_state_dict` can load `state` (checked before a resume changes anything)."
+        rows = lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v)
+        ints = lambda v: isinstance(v, list) and all(isinstance(i, int) for i in v)
+        check_state(state, 'Recorder', history=rows, losses=torch.Tensor, smoothed=torch.Tensor, lrs=torch.Tensor,
+                    sizes=ints, epoch_start=int, epoch_ends=ints, smooth=(int, float), n_smooth=int, row=dict)
+
     def load_state_dict(self, state: dict) -> None:
         "Restore what `state_dict` returned."
+        self.check_state_dict(state)
         self.history = [dict(r) for r in state['history']]
         self._losses, self._pending = state['losses'].tolist(), []
         self._smoothed, self.lrs = state['smoothed'].tolist(), state['lrs'].tolist()

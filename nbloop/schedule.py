@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import CancelFitException, CancelValidateException, Callback, DebiasedEMA, new_figure
+from .core import CancelFitException, CancelValidateException, Callback, DebiasedEMA, check_state, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -167,7 +167,11 @@ class LRScheduler(Callback):
             set_hyper(g, self.param, value if r == 1.0 else value * r)
 
     def state_dict(self) -> dict: return {'ratios': self.ratios}
-    def load_state_dict(self, state: dict) -> None: self.ratios = state['ratios']
+    def check_state_dict(self, state: dict) -> None:
+        check_state(state, 'LRScheduler', ratios=lambda v: v is None or isinstance(v, list) and all(isinstance(r, (int, float)) for r in v))
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
+        self.ratios = state['ratios']
 
 # %% ../nbs/03_schedule.ipynb #db7953c4
 def one_cycle_schedules(total_steps: int, lr_max: float, div: float = 25., div_final: float = 1e5,
