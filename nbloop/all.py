@@ -18,11 +18,12 @@ from .plots import *
 from .loggers import *
 from .checkpoint import *
 from .training import *
+from .runtime import *
 from .data import *
 from .learner import *
 from . import checkpoint as _checkpoint, core as _core, data as _data, learner as _learner
 from . import loggers as _loggers, metrics as _metrics, plots as _plots, progress as _progress
-from . import schedule as _schedule, training as _training
+from . import runtime as _runtime, schedule as _schedule, training as _training
 
 __all__ = ['torch', 'nn', 'F'] + [n for m in (_core, _metrics, _progress, _schedule, _plots, _loggers, _checkpoint,
-                                              _training, _data, _learner) for n in m.__all__]
+                                              _training, _runtime, _data, _learner) for n in m.__all__]

@@ -21,8 +21,9 @@ import torch
 __all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'FOREIGN_HOOKS', 'Event', 'CancelBatchException', 'CancelTrainException',
            'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'camel_to_snake', 'Callback',
            'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback', 'handlers_of', 'build_dispatch',
-           'default_device', 'to_device', 'BatchError', 'describe', 'split_batch', 'check_state', 'get_rng_state',
-           'set_rng_state', 'DebiasedEMA', 'new_figure', 'get_rank', 'get_world_size', 'is_main_process']
+           'MonitorCallback', 'RunState', 'default_device', 'to_device', 'BatchError', 'describe', 'split_batch',
+           'check_state', 'get_rng_state', 'set_rng_state', 'DebiasedEMA', 'new_figure', 'get_rank', 'get_world_size',
+           'is_main_process']
 
 # %% ../nbs/00_core.ipynb #8cbfe84a
 class Event(str, Enum):
@@ -89,6 +90,7 @@ class Callback:
     "Base class for callbacks: set `order` and define methods named after events, taking the learner."
     order: int = 0
     runs_in_lr_find: bool = False
+    main_process_only: bool = False
 
     @property
     def name(self) -> str:
@@ -173,12 +175,87 @@ def handlers_of(cb: Callback) -> dict[Event, Callable]:
     return cb.handlers() if isinstance(cb, FunctionCallback) else event_methods(cb)
 
 # %% ../nbs/00_core.ipynb #8c0e61a8
-def build_dispatch(cbs: Iterable[Callback]) -> dict[str, list[Callable]]:
-    "A table from each event (as a plain `str`, the fastest dict key) to the handlers of `cbs`, sorted by `order` (stable)."
+def build_dispatch(cbs: Iterable[Callback], main_process: bool = True) -> dict[str, list[Callable]]:
+    """A table from each event (as a plain `str`, the fastest dict key) to the handlers of `cbs`, sorted by `order`
+    (stable); outside the main process, callbacks that are `main_process_only` are left out."""
     table: dict[Event, list[tuple[int, int, Callable]]] = {}
     for i, cb in enumerate(cbs):
+        if cb.main_process_only and not main_process: continue
         for ev, fn in handlers_of(cb).items(): table.setdefault(ev, []).append((cb.order, i, fn))
     return {ev.value: [fn for _, _, fn in sorted(entries, key=lambda e: e[:2])] for ev, entries in table.items()}
+
+# %% ../nbs/00_core.ipynb #063ac8ca
+class MonitorCallback(Callback):
+    "Base for callbacks that watch `monitor` in the history, in direction `mode`, and keep its best value and epoch."
+    def __init__(self, monitor: str = 'valid_loss', mode: str = 'min', min_delta: float = 0.):
+        if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(monitor, str): raise TypeError(f'monitor must be the name of a history column, got {monitor!r}')
+        self.monitor, self.mode, self.min_delta = monitor, mode, abs(min_delta)
+        self.best, self.best_epoch = None, None
+
+    def monitored(self, learn) -> float | None:
+        "The monitored value of the epoch that just ended, or None when the history has no such column for it."
+        row = learn.recorder.history[-1] if learn.recorder.history else {}
+        return row.get(self.monitor) if row.get('epoch') == learn.epoch else None
+
+    def improved(self, value: float | None) -> bool:
+        "Whether `value` beats the best so far by more than `min_delta` (None and NaN never do)."
+        if value is None or value != value: return False
+        if self.best is None: return True
+        return value < self.best - self.min_delta if self.mode == 'min' else value > self.best + self.min_delta
+
+    def remember(self, value: float, epoch: int) -> None:
+        "Keep `value` as the best, reached at `epoch`."
+        self.best, self.best_epoch = value, epoch
+
+# %% ../nbs/00_core.ipynb #438ebb4a
+class RunState:
+    "The counters of a fit and its position: what `fit` advances and what a checkpoint needs to continue it."
+    names = ('epoch', 'n_epochs', 'iter', 'n_iter', 'train_iter', 'total_steps', 'training', 'pct_train',
+             'fit_method', 'interrupted', 'resumed_from')
+
+    def __init__(self): self.reset()
+
+    def reset(self, n_epochs: int = 0, total_steps: int | None = None, fit_method: str = 'fit') -> None:
+        "Start a new fit of `n_epochs` epochs (`total_steps` training batches, None when unknown)."
+        self.epoch = self.iter = self.train_iter = 0
+        self.n_epochs, self.total_steps, self.fit_method = n_epochs, total_steps, fit_method
+        self.n_iter, self.training, self.pct_train, self.interrupted, self.resumed_from = None, False, 0., None, None
+
+    def advance(self) -> None:
+        "Count one more training batch done."
+        self.train_iter += 1
+        self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
+
+    def after_batch_position(self) -> dict:
+        "Continue right after the current training batch."
+        return {'epoch': self.epoch, 'iter': self.iter + 1, 'phase': 'train'}
+
+    def end_of_epoch_position(self) -> dict:
+        "Continue with the next epoch."
+        return {'epoch': self.epoch + 1, 'iter': 0, 'phase': 'end'}
+
+    def position_now(self) -> dict:
+        "Where a stop now continues: after this training batch, or (in validation) at this epoch's validation."
+        return self.after_batch_position() if self.training else {'epoch': self.epoch, 'iter': 0, 'phase': 'valid'}
+
+    def state_dict(self, position: dict) -> dict:
+        "What a checkpoint stores to continue this fit at `position`."
+        return {'position': dict(position), 'train_iter': self.train_iter, 'n_epochs': self.n_epochs,
+                'total_steps': self.total_steps}
+
+    def load_state_dict(self, state: dict) -> dict:
+        "Continue from a checkpoint's `state_dict`; returns its position."
+        self.train_iter = state['train_iter']
+        self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
+        return dict(state['position'])
+
+    def snapshot(self) -> dict:
+        "All counters, to put back with `restore` (for `lr_find`)."
+        return {k: getattr(self, k) for k in self.names}
+
+    def restore(self, saved: dict) -> None:
+        for k, v in saved.items(): setattr(self, k, v)
 
 # %% ../nbs/00_core.ipynb #8d5c6c88
 def default_device() -> torch.device:

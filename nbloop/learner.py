@@ -24,9 +24,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .core import (
     CancelBatchException, CancelEpochException, CancelFitException, CancelTrainException,
-    CancelValidateException, Callback, as_callback, build_dispatch, default_device, describe,
-    get_rng_state, handlers_of, set_rng_state, split_batch, to_device)
+    CancelValidateException, Callback, RunState, as_callback, build_dispatch, describe, get_rng_state, handlers_of,
+    set_rng_state, split_batch)
 from .data import EpochPlan, data_generators
+from .runtime import Runtime
 from .metrics import Recorder
 from .progress import ProgressCallback
 from .schedule import LRFinder, LRFindResult, LRScheduler, has_momentum, one_cycle_schedules
@@ -50,6 +51,15 @@ class FitError(RuntimeError):
 
 _CANCELS = (CancelBatchException, CancelTrainException, CancelValidateException, CancelEpochException,
             CancelFitException)
+_EVENTS = {n: (f'before_{n}', f'after_cancel_{n}', f'after_{n}') for n in ('batch', 'train', 'validate', 'epoch')}
+
+def _delegate(owner: str) -> Callable[[str], property]:
+    "A property factory: `name` read from and written to `self.<owner>.<name>`."
+    def make(name: str) -> property:
+        return property(lambda self: getattr(getattr(self, owner), name),
+                        lambda self, value: setattr(getattr(self, owner), name, value),
+                        doc=f'`self.{owner}.{name}`')
+    return make
 
 class _Stop(Exception):
     "Raised at a batch boundary after SIGINT or SIGTERM."
@@ -77,7 +87,7 @@ class Learner:
     def __init__(self, model: nn.Module, train_dl: Iterable, valid_dl: Iterable | None = None,
                  loss_func: Callable = F.cross_entropy, opt_func: Callable = torch.optim.AdamW, lr: float = 1e-3,
                  metrics: Sequence = (), cbs: Sequence = (), device: str | torch.device | None = None,
-                 path: str | Path = '.'):
+                 path: str | Path = '.', compile: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f'model must be a torch.nn.Module; got {describe(model)}')
         if train_dl is None: raise TypeError('train_dl is required: an iterable of (x, y) batches')
@@ -92,24 +102,24 @@ class Learner:
                                 f'of batches, or an object whose __iter__ returns a new iterator each time.')
         if not callable(loss_func): raise TypeError(f'loss_func must be callable, like F.cross_entropy; got {loss_func!r}')
         if not (isinstance(lr, (int, float)) and lr > 0): raise ValueError(f'lr must be a positive number, got {lr!r}')
-        self.device = torch.device(device) if device is not None else default_device()
-        self.model = model.to(self.device)
+        self.runtime = Runtime(device)
+        self.state = RunState()
+        self.model = self.runtime.prepare_model(model, compile=compile)
         self.train_dl, self.valid_dl, self.loss_func, self.opt_func, self.lr = train_dl, valid_dl, loss_func, opt_func, lr
         self.path = Path(path)
         self.opt = opt_func(self.model.parameters(), lr=lr)
         self.recorder = Recorder(metrics)
-        self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-        self.scaler = None
         self.cbs: list[Callback] = []
-        self.epoch = self.n_epochs = self.iter = self.train_iter = 0
-        self.n_iter = self.total_steps = None
-        self.training, self.pct_train, self.in_lr_find = False, 0., False
+        self.in_lr_find = False
         self.pred = self.loss = self.loss_grad = None
-        self.interrupted = self.resumed_from = None
-        self.fit_method = 'fit'
         self.train_plan: EpochPlan | None = None
         self._stop, self._deferred, self._in_fit = None, [], False
         self.add_cbs([self.recorder, ProgressCallback(), *cbs])
+
+    # the run's counters live in `state`, where and how the math runs in `runtime`; these read and write them
+    (epoch, n_epochs, iter, n_iter, train_iter, total_steps, training, pct_train, fit_method, interrupted,
+     resumed_from) = map(_delegate('state'), RunState.names)
+    device, autocast, scaler = map(_delegate('runtime'), ('device', 'autocast', 'scaler'))
 
     @property
     def metrics(self) -> Sequence:
@@ -125,7 +135,7 @@ class Learner:
         added = [as_callback(cb) for cb in cbs]
         for cb in added: handlers_of(cb)          # rejects misspelt event methods now, not mid-training
         self.cbs.extend(added)
-        self._dispatch = build_dispatch(self.cbs)
+        self._dispatch = build_dispatch(self.cbs, self.runtime.is_main)
         return added
 
     def add_cb(self, cb) -> Callback:
@@ -136,7 +146,7 @@ class Learner:
         "Remove callbacks, given as instances or classes."
         for cb in list(cbs):
             self.cbs = [c for c in self.cbs if not (c is cb or (isinstance(cb, type) and isinstance(c, cb)))]
-        self._dispatch = build_dispatch(self.cbs)
+        self._dispatch = build_dispatch(self.cbs, self.runtime.is_main)
 
     def remove_cb(self, cb) -> None:
         "Remove a callback (an instance, or every instance of a class)."
@@ -161,7 +171,7 @@ class Learner:
         try: yield
         finally:
             self.cbs = saved
-            self._dispatch = build_dispatch(self.cbs)
+            self._dispatch = build_dispatch(self.cbs, self.runtime.is_main)
 
     def no_bar(self):
         "A context without progress bars: `with learn.no_bar(): learn.fit(1)`."
@@ -174,6 +184,19 @@ class Learner:
             if self._deferred: self._run_deferred()
             raise
         if self._deferred: self._run_deferred()
+
+    def _with_events(self, name: str, body: Callable[[], None], cancel: type[Exception],
+                     on_cancel: Callable[[], None] | None = None, finish: Callable[[], None] | None = None) -> None:
+        "Fire before_<name>, run `body`; `cancel` fires after_cancel_<name> (after `on_cancel`); then `finish`, after_<name>."
+        before, after_cancel, after = _EVENTS[name]
+        try:
+            self._fire(before)
+            body()
+        except cancel:
+            if on_cancel is not None: on_cancel()
+            self._fire(after_cancel)
+        if finish is not None: finish()
+        self._fire(after)
 
     def defer(self, fn: Callable[[], Any]) -> None:
         "Call `fn()` once every handler of the event being fired has run (also when one cancelled), whatever the orders."
@@ -253,40 +276,27 @@ class Learner:
                            f'`for p in model.head.parameters(): p.requires_grad_(True)`.')
 
     def _fit(self, n_epochs: int, resume, method: str) -> None:
-        self.n_epochs, self.interrupted, self.resumed_from, self.fit_method = n_epochs, None, None, method
         self._check_trainable()
         self.train_plan = EpochPlan(self.train_dl, 'train_dl')
         n = self.train_plan.length()
         if n == 0: raise EmptyDataError(self._empty_message('train_dl'))
         if self.valid_dl is not None and _length(self.valid_dl) == 0:
             raise EmptyDataError(self._empty_message('valid_dl') + ' Pass valid_dl=None to train without validation.')
-        self.total_steps = None if n is None else n * n_epochs
-        self.epoch, self.iter, self.train_iter, self.pct_train = 0, 0, 0, 0.
-        self._epochs_done = 0
-        state = checkpoint.resume_state(self, resume) if resume is not None else None
-        position = {'epoch': 0, 'iter': 0, 'phase': 'train'}
-        if state is not None:
-            checkpoint.apply_model_state(self, state)
-            position = state['training']['position']
-            self.train_iter, self.resumed_from = state['training']['train_iter'], Path(state['path'])
-            self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
-            if position['epoch'] >= n_epochs:
-                warnings.warn(f"{state['path']} is at epoch {position['epoch']} ({position['phase']}), which is not "
-                              f"before {self.fit_method}({n_epochs}): there is nothing left to train. Pass more epochs "
-                              f"to continue training the resumed run.")
-        self._in_fit, self._deferred = True, []
+        self.state.reset(n_epochs, None if n is None else n * n_epochs, method)
+        self._dispatch = build_dispatch(self.cbs, self.runtime.is_main)   # the process group may be new
+        resume = checkpoint.resume_state(self, resume) if resume is not None else None
+        position = self._resume_model(resume) if resume is not None else {'epoch': 0, 'iter': 0, 'phase': 'train'}
+        self._epochs_done, self._in_fit, self._deferred = 0, True, []
         try:
             with self._stop_signals():
                 try:
                     try:
                         self._fire('before_fit')
-                        if state is not None:
-                            checkpoint.apply_callback_states(self, state)
-                            if position['phase'] == 'end': self.restore_rng(state['rng'])
-                        resume_epoch = state if state is not None and position['phase'] != 'end' else None
+                        if resume is not None: checkpoint.apply_callback_states(self, resume)
+                        if position['phase'] == 'end': self._restore_resumed_rng(resume)
                         for epoch in range(position['epoch'], n_epochs):
                             self.epoch = epoch
-                            self._do_epoch(resume_epoch if epoch == position['epoch'] else None)
+                            self._do_epoch(resume if epoch == position['epoch'] and position['phase'] != 'end' else None)
                     except CancelFitException: self._fire('after_cancel_fit')
                     except _Stop as stop: self.interrupted = stop.signame
                 except BaseException:
@@ -295,6 +305,25 @@ class Learner:
                 if self.interrupted is None and self._stop is not None: self.interrupted = self._stop
                 self._after_fit(cleanup=self.interrupted is not None)
         finally: self._in_fit, self._deferred = False, []
+        self._raise_interrupt()
+
+    def _resume_model(self, resume: dict) -> dict:
+        "Stage 1 of a resume, before `before_fit`: model, optimizer and counters. Returns the position to continue at."
+        checkpoint.apply_model_state(self, resume)
+        position = self.state.load_state_dict(resume['training'])
+        self.resumed_from = Path(resume['path'])
+        if position['epoch'] >= self.n_epochs:
+            warnings.warn(f"{resume['path']} is at epoch {position['epoch']} ({position['phase']}), which is not "
+                          f"before {self.fit_method}({self.n_epochs}): there is nothing left to train. Pass more epochs "
+                          f"to continue training the resumed run.")
+        return position
+
+    def _restore_resumed_rng(self, resume: dict | None) -> None:
+        """The one point where a resume restores the random states: right before the first thing the interrupted run
+        drew after its checkpoint (the next epoch's plan, the epoch's validation, or the next training batch)."""
+        if resume is not None: self.restore_rng(resume['rng'])
+
+    def _raise_interrupt(self) -> None:
         if self.interrupted == 'SIGINT':
             raise KeyboardInterrupt(f'{self.fit_method} stopped by Ctrl-C (SIGINT) at epoch {self.epoch}, '
                                     f'training step {self.train_iter}')
@@ -329,92 +358,85 @@ class Learner:
         return f'{name} yielded no batches; it must yield at least one (x, y) batch per epoch.{hint}'
 
     def _do_epoch(self, resume: dict | None) -> None:
-        try:
-            self._fire('before_epoch')
-            phase = resume['training']['position']['phase'] if resume is not None else 'train'
-            if phase == 'train': self._do_train(resume)
-            elif resume is not None: self.restore_rng(resume['rng'])
-            if self.valid_dl is not None: self._do_validate(self.valid_dl)
-        except CancelEpochException: self._fire('after_cancel_epoch')
-        if self.recorder in self.cbs: self.recorder.end_epoch(self)
-        self._fire('after_epoch')
+        self._with_events('epoch', lambda: self._epoch_body(resume), CancelEpochException, finish=self._end_epoch)
         self._epochs_done += 1
+
+    def _epoch_body(self, resume: dict | None) -> None:
+        if resume is None or resume['training']['position']['phase'] == 'train': self._do_train(resume)
+        else: self._restore_resumed_rng(resume)                 # interrupted in validation: redo it
+        if self.valid_dl is not None: self._do_validate(self.valid_dl)
+
+    def _end_epoch(self) -> None:
+        if self.recorder in self.cbs: self.recorder.end_epoch(self)    # every after_epoch handler sees the row
 
     def _do_train(self, resume: dict | None) -> None:
         self.training, self.dl, self._dl_name = True, self.train_dl, 'train_dl'
         self.model.train()
-        start = 0
-        if resume is not None:
-            self.train_plan.load_state_dict(resume['data'])
-            start = resume['training']['position']['iter']
+        if resume is not None: self.train_plan.load_state_dict(resume['data'])
         else: self.train_plan.plan_epoch()
         self.n_iter = self.train_plan.length()
-        try:
-            self._fire('before_train')
-            batches = self.train_plan.iterate(start)
-            if resume is not None: self.restore_rng(resume['rng'])
-            seen = 0
-            for self.iter, batch in enumerate(batches, start):
-                self._do_batch(batch)
-                seen += 1
-            if seen == 0 and start == 0:
-                again = (f' It yielded batches in an earlier epoch, so it is not re-iterable: pass a DataLoader, a list, '
-                         f'or an object whose __iter__ starts over each time.' if self._epochs_done else '')
-                raise EmptyDataError(self._empty_message('train_dl') + again)
-        except CancelTrainException: self._fire('after_cancel_train')
-        self._fire('after_train')
+        start = resume['training']['position']['iter'] if resume is not None else 0
+        self._with_events('train', lambda: self._train_batches(start, resume), CancelTrainException)
+
+    def _train_batches(self, start: int, resume: dict | None) -> None:
+        batches = self.train_plan.iterate(start)
+        self._restore_resumed_rng(resume)
+        seen = 0
+        for self.iter, batch in enumerate(batches, start):
+            self._do_batch(batch)
+            seen += 1
+        if seen == 0 and start == 0:
+            again = (f' It yielded batches in an earlier epoch, so it is not re-iterable: pass a DataLoader, a list, '
+                     f'or an object whose __iter__ starts over each time.' if self._epochs_done else '')
+            raise EmptyDataError(self._empty_message('train_dl') + again)
 
     def _do_validate(self, dl: Iterable) -> None:
         self.training, self.dl, self._dl_name = False, dl, 'valid_dl' if dl is self.valid_dl else 'the dataloader'
         self.model.eval()
         self.n_iter = _length(dl)
-        try:
-            self._fire('before_validate')
-            seen = 0
-            with torch.no_grad():
-                for self.iter, batch in enumerate(dl):
-                    self._do_batch(batch)
-                    seen += 1
-            if seen == 0:
-                again = (' It yielded batches before, so it is not re-iterable: pass a DataLoader, a list, or an object '
-                         'whose __iter__ starts over each time.' if self._dl_name == 'valid_dl' and self._epochs_done else '')
-                raise EmptyDataError(f'{self._dl_name} yielded no batches, so there is nothing to validate on.{again}')
-        except CancelValidateException: self._fire('after_cancel_validate')
-        self._fire('after_validate')
+        self._with_events('validate', lambda: self._valid_batches(dl), CancelValidateException)
+
+    def _valid_batches(self, dl: Iterable) -> None:
+        seen = 0
+        with torch.no_grad():
+            for self.iter, batch in enumerate(dl):
+                self._do_batch(batch)
+                seen += 1
+        if seen == 0:
+            again = (' It yielded batches before, so it is not re-iterable: pass a DataLoader, a list, or an object '
+                     'whose __iter__ starts over each time.' if self._dl_name == 'valid_dl' and self._epochs_done else '')
+            raise EmptyDataError(f'{self._dl_name} yielded no batches, so there is nothing to validate on.{again}')
 
     def _do_batch(self, batch) -> None:
         xb, yb = split_batch(batch, self._dl_name)
-        self.xb, self.yb = to_device(xb, self.device), to_device(yb, self.device)
-        counted = False
-        try:
-            self._fire('before_batch')
-            with self.autocast():
-                self.pred = self._forward()
-                self._fire('after_pred')
-                self.loss_grad = self._compute_loss()
-                self.loss = self.loss_grad.detach()
-                self._fire('after_loss')
-            counted = True
-            if self.training:
-                self._fire('before_backward')
-                if self.scaler is not None: self.scaler.scale(self.loss_grad).backward()
-                else: self.loss_grad.backward()
-                self._fire('after_backward')
-                self._fire('before_step')
-                if self.scaler is not None:
-                    self.scaler.step(self.opt)
-                    self.scaler.update()
-                else: self.opt.step()
-                self._fire('after_step')
-                self.opt.zero_grad(set_to_none=True)
-        except CancelBatchException:
-            if not counted: self.pred = self.loss = self.loss_grad = None   # contributes nothing
-            self._fire('after_cancel_batch')
-        if self.training:
-            self.train_iter += 1
-            self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
-        self._fire('after_batch')
+        self.xb, self.yb = self.runtime.to_device(xb), self.runtime.to_device(yb)
+        self._loss_done = False
+        self._with_events('batch', self._batch_body, CancelBatchException, self._forget_batch, self._count_batch)
         if self._stop is not None: raise _Stop(self._stop)
+
+    def _batch_body(self) -> None:
+        with self.runtime.autocast():
+            self.pred = self._forward()
+            self._fire('after_pred')
+            self.loss_grad = self._compute_loss()
+            self.loss = self.loss_grad.detach()
+            self._fire('after_loss')
+        self._loss_done = True
+        if not self.training: return
+        self._fire('before_backward')
+        self.runtime.backward(self.loss_grad)
+        self._fire('after_backward')
+        self._fire('before_step')
+        self.runtime.step(self.opt)
+        self._fire('after_step')
+        self.opt.zero_grad(set_to_none=True)
+
+    def _forget_batch(self) -> None:
+        "A batch cancelled before its loss was complete counts for nothing: callbacks see no prediction and no loss."
+        if not self._loss_done: self.pred = self.loss = self.loss_grad = None
+
+    def _count_batch(self) -> None:
+        if self.training: self.state.advance()
 
     def _forward(self):
         try: return self.model(*self.xb)
@@ -482,21 +504,18 @@ class Learner:
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
         n = _length(self.train_dl)
         n_epochs = math.ceil(num_it / n) if n else num_it
-        saved = self._snapshot()
+        saved = self.snapshot()
         self.in_lr_find = True
         try:
             with self.removed_cbs([cb for cb in self.cbs if not cb.runs_in_lr_find]), self.added_cbs([finder]):
                 self._fit(n_epochs, None, 'lr_find')
         finally:
             self.in_lr_find = False
-            self._restore(saved)
+            self.restore(saved)
         return LRFindResult.from_curve(finder.lrs, finder.raw, diverged=finder.stopped_at is not None)
 
-    _counters = ('epoch', 'n_epochs', 'iter', 'n_iter', 'train_iter', 'total_steps', 'training', 'pct_train',
-                 'train_plan', 'interrupted', 'resumed_from', 'fit_method')
-
-    def _snapshot(self) -> dict:
-        "Everything `lr_find` may change: weights, buffers, gradients, optimizer, scaler, RNGs, counters, callback states."
+    def snapshot(self) -> dict:
+        "Everything a fit may change, to put back with `restore`: weights, buffers, gradients, optimizer, scaler, RNGs, counters, callback states."
         return {'model': {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 'grads': [None if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()],
                 'opt': copy.deepcopy(self.opt.state_dict()), 'rng': self.capture_rng(),
@@ -504,9 +523,10 @@ class Learner:
                 'scaler_obj': self.scaler, 'autocast': self.autocast,
                 'cbs': {id(cb): copy.deepcopy(cb.state_dict()) for cb in self.cbs
                         if cb.runs_in_lr_find and hasattr(cb, 'state_dict')},
-                'counters': {k: getattr(self, k, None) for k in self._counters}}
+                'counters': self.state.snapshot(), 'train_plan': self.train_plan}
 
-    def _restore(self, saved: dict) -> None:
+    def restore(self, saved: dict) -> None:
+        "Put back what `snapshot` took (lr_find does, so that the learner is exactly as before)."
         self.model.load_state_dict(saved['model'])
         for p, g in zip(self.model.parameters(), saved['grads']): p.grad = g
         self.opt.load_state_dict(saved['opt'])
@@ -514,7 +534,8 @@ class Learner:
         if self.scaler is not None and saved['scaler'] is not None: self.scaler.load_state_dict(saved['scaler'])
         for cb in self.cbs:
             if id(cb) in saved['cbs']: cb.load_state_dict(saved['cbs'][id(cb)])
-        for k, v in saved['counters'].items(): setattr(self, k, v)
+        self.state.restore(saved['counters'])
+        self.train_plan = saved['train_plan']
         self.restore_rng(saved['rng'])
 
     def validate(self, dl: Iterable | None = None) -> dict[str, float]:
@@ -542,9 +563,9 @@ class Learner:
         "The model's output on `x` as given (a batch; use `x[None]` for one example; a tuple feeds several inputs), in eval mode, without gradients."
         was_training = self.model.training
         self.model.eval()
-        xs = to_device(x, self.device) if isinstance(x, tuple) else (to_device(x, self.device),)
+        xs = self.runtime.to_device(x) if isinstance(x, tuple) else (self.runtime.to_device(x),)
         try:
-            with torch.no_grad(), self.autocast(): return self.model(*xs)
+            with torch.no_grad(), self.runtime.autocast(): return self.model(*xs)
         finally: self.model.train(was_training)
 
     def save(self, name_or_path: str | Path, with_opt: bool = True) -> Path:
