@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
-from .core import Callback, is_main_process, new_figure
+from .core import Callback, MonitorCallback, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -409,9 +409,13 @@ class CheckpointMismatchError(CheckpointError):
     "A checkpoint's tensors do not match the model (or its optimizer or callbacks don't match the fit)."
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    "The model inside a DistributedDataParallel / DataParallel wrapper (or the model itself)."
+    """The plain model inside its wrappers: DistributedDataParallel / DataParallel (`.module`) and `torch.compile`
+    (`._orig_mod`), in any nesting, so that checkpoints hold the plain keys and load into any learner."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
-    return model.module if isinstance(model, (DataParallel, DistributedDataParallel)) else model
+    while True:
+        if isinstance(model, (DataParallel, DistributedDataParallel)): model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), torch.nn.Module): model = model._orig_mod
+        else: return model
 
 def _expect(ok: bool, path: Path | str, where: str, expected: str, found: Any) -> None:
     "Raise a `CorruptCheckpointError` naming `path` unless `ok`: `where` should be `expected` but holds `found`."
@@ -561,8 +565,7 @@ def training_state(learn: Learner, position: dict, rng: dict | None = None) -> d
             'model': model.state_dict(), 'opt': learn.opt.state_dict(), 'opt_class': optimizer_class(learn.opt),
             'grads': {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
             'scaler': None if learn.scaler is None else learn.scaler.state_dict(),
-            'training': {'position': position, 'train_iter': learn.train_iter, 'n_epochs': learn.n_epochs,
-                         'total_steps': learn.total_steps},
+            'training': learn.state.state_dict(position),
             'rng': rng if rng is not None else learn.capture_rng(),
             'data': learn.train_plan.state_dict() if position['phase'] == 'train' else {'replayable': False},
             'callbacks': callback_states(learn)}
@@ -649,9 +652,9 @@ def apply_model_state(learn: Learner, state: dict) -> None:
     learn.opt.load_state_dict(state['opt'])
     for n, p in params.items():
         p.grad = grads[n].to(p.device) if n in grads else None
-    total = state['training'].get('total_steps')
-    if total is not None and learn.total_steps is not None and total != learn.total_steps:
-        warnings.warn(f"resuming a run of {total} training steps as a run of {learn.total_steps}: schedules that "
+    total, now = state['training'].get('total_steps'), learn.state.total_steps
+    if total is not None and now is not None and total != now:
+        warnings.warn(f"resuming a run of {total} training steps as a run of {now}: schedules that "
                       f"depend on the run's length will differ from the original run")
 
 def apply_callback_states(learn: Learner, state: dict) -> None:
@@ -792,33 +795,32 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 # %% ../nbs/06_checkpoint.ipynb #7eeea89f
-class CheckpointCallback(Callback):
+class CheckpointCallback(MonitorCallback):
     "Write training checkpoints every few epochs/steps, keep the newest and the best, and save on interrupt."
     order = 90
-    active = False
+    main_process_only = True
 
     def __init__(self, dir: str | Path = 'checkpoints', every_n_epochs: int | None = 1, every_n_steps: int | None = None,
                  keep_last: int | None = 3, monitor: str = 'valid_loss', mode: str = 'min', save_best: bool = True,
                  save_on_interrupt: bool = True):
-        if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        super().__init__(monitor, mode)
         for n, v in (('every_n_epochs', every_n_epochs), ('every_n_steps', every_n_steps), ('keep_last', keep_last)):
             if v is not None and (not isinstance(v, int) or v < 1): raise ValueError(f'{n} must be None or a whole number >= 1, got {v!r}')
         self.dir, self.every_n_epochs, self.every_n_steps, self.keep_last = Path(dir), every_n_epochs, every_n_steps, keep_last
-        self.monitor, self.mode, self.save_best, self.save_on_interrupt = monitor, mode, save_best, save_on_interrupt
-        self.best, self.best_epoch, self.last_path, self.run = None, None, None, None
+        self.save_best, self.save_on_interrupt = save_best, save_on_interrupt
+        self.last_path, self.run = None, None
 
     def folder(self, learn: Learner) -> Path:
         "The folder checkpoints go to."
         return self.dir if self.dir.is_absolute() else learn.path / self.dir
 
     def before_fit(self, learn: Learner):
-        self.active = is_main_process() and not learn.in_lr_find
-        self.best, self.best_epoch, self.last_path, self._rng_after_train = None, None, None, None
+        self.remember(None, None)
+        self.last_path, self._rng_after_train = None, None
         self.run = new_run_id()          # a resumed run gets its own id back from its state (load_state_dict)
         self._warned = False
-        if self.active:
-            self._check_folder(self.folder(learn))
-            remove_stale_temporaries(self.folder(learn))
+        self._check_folder(self.folder(learn))
+        remove_stale_temporaries(self.folder(learn))
 
     def _check_folder(self, folder: Path) -> None:
         if folder.exists() and not folder.is_dir():
@@ -834,32 +836,27 @@ class CheckpointCallback(Callback):
                                        f"{type(e).__name__}: {e.strerror or e}. Pass dir= a folder you can write to.") from e
 
     def after_train(self, learn: Learner):
-        if self.active and self.save_on_interrupt:
+        if self.save_on_interrupt:
             learn.defer(lambda: setattr(self, '_rng_after_train', learn.capture_rng()))
 
     def after_batch(self, learn: Learner):
-        if self.active and learn.training and self.every_n_steps and learn.train_iter % self.every_n_steps == 0:
-            position = {'epoch': learn.epoch, 'iter': learn.iter + 1, 'phase': 'train'}
+        if learn.training and self.every_n_steps and learn.train_iter % self.every_n_steps == 0:
+            position = learn.state.after_batch_position()
             learn.defer(lambda: self.save(learn, position))
 
-    def _improved(self, value: float) -> bool:
-        if value is None or (isinstance(value, float) and math.isnan(value)): return False
-        return self.best is None or (value < self.best if self.mode == 'min' else value > self.best)
-
-    def after_epoch(self, learn: Learner):
-        if self.active: learn.defer(lambda: self._end_of_epoch(learn))
+    def after_epoch(self, learn: Learner): learn.defer(lambda: self._end_of_epoch(learn))
 
     def _end_of_epoch(self, learn: Learner) -> None:
         "Runs once every after_epoch handler has: the best and the epoch's checkpoint, with their states final."
-        row = learn.recorder.history[-1] if learn.recorder.history else {}
-        value = row.get(self.monitor) if row.get('epoch') == learn.epoch else None
+        value = self.monitored(learn)
         if value is None and self.save_best and not self._warned:
+            row = learn.recorder.history[-1] if learn.recorder.history else {}
             warnings.warn(f"CheckpointCallback monitors '{self.monitor}', which the history does not have "
                           f"(it has: {', '.join(row)}); no best checkpoint is kept")
             self._warned = True
-        improved = self.save_best and self._improved(value)
-        if improved: self.best, self.best_epoch = value, learn.epoch
-        position = {'epoch': learn.epoch + 1, 'iter': 0, 'phase': 'end'}
+        improved = self.save_best and self.improved(value)
+        if improved: self.remember(value, learn.epoch)
+        position = learn.state.end_of_epoch_position()
         last = learn.epoch + 1 == learn.n_epochs
         path = None
         if last or (self.every_n_epochs and (learn.epoch + 1) % self.every_n_epochs == 0):
@@ -867,12 +864,12 @@ class CheckpointCallback(Callback):
         if improved: self._save_best(learn, path, position)
 
     def after_fit(self, learn: Learner):
-        if not self.active or not learn.interrupted or not self.save_on_interrupt: return
-        if learn.training: position, rng = {'epoch': learn.epoch, 'iter': learn.iter + 1, 'phase': 'train'}, None
-        else: position, rng = {'epoch': learn.epoch, 'iter': 0, 'phase': 'valid'}, self._rng_after_train
+        if not learn.interrupted or not self.save_on_interrupt: return
+        position = learn.state.position_now()
+        rng = self._rng_after_train if position['phase'] == 'valid' else None   # valid: as training ended
         path = self.save(learn, position, rng)
         print(f'nbloop: {learn.interrupted} received; saved checkpoint {path}. '
-              f"Continue with learn.{getattr(learn, 'fit_method', 'fit')}(..., resume='last').", file=sys.stderr, flush=True)
+              f"Continue with learn.{learn.state.fit_method}(..., resume='last').", file=sys.stderr, flush=True)
 
     def save(self, learn: Learner, position: dict, rng: dict | None = None) -> Path:
         "Write a training checkpoint for `position` now, then rotate this run's old ones away."
@@ -914,7 +911,7 @@ class CheckpointCallback(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.check_state_dict(state)
-        self.best, self.best_epoch = state['best'], state['best_epoch']
+        self.remember(state['best'], state['best_epoch'])
         self.run = state.get('run') or self.run     # checkpoints from before run ids: this fit's new id
 
 # %% ../nbs/06_checkpoint.ipynb #3801b821
@@ -951,7 +948,7 @@ def compare_checkpoints(learn: Learner, dir: str | Path = 'checkpoints', run: st
     try: best_run = checkpoint_info(best)['run'] if best.is_file() else False
     except CheckpointError: best_run = False
     if best_run == run: paths.append(best)
-    saved, values = learn._snapshot(), getattr(learn.recorder, 'values', None)
+    saved, values = learn.snapshot(), getattr(learn.recorder, 'values', None)
     rows = Table()
     try:
         with learn.no_bar():
@@ -969,7 +966,7 @@ def compare_checkpoints(learn: Learner, dir: str | Path = 'checkpoints', run: st
                 res = learn.validate()
                 rows.append({'file': p.name, 'step': tr.get('train_iter'), 'epoch': epoch, **res})
     finally:
-        learn._restore(saved)
+        learn.restore(saved)
         learn.recorder.values = values
     fig = new_figure(figsize=(6, 4), layout='constrained')
     ax = fig.subplots()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .core import Callback, check_state, is_main_process
+from .core import Callback, check_state
 
 if TYPE_CHECKING:
     from nbloop.learner import Learner
@@ -28,7 +28,7 @@ __all__ = ['CSVLogger', 'TensorBoardLogger']
 class CSVLogger(Callback):
     "Write a row per training batch and a row per epoch's validation to a CSV file."
     order = 70
-    active = False
+    main_process_only = True
 
     def __init__(self, path: str | Path = 'history.csv', append: bool = False):
         self.path, self.append = Path(path), append
@@ -38,8 +38,6 @@ class CSVLogger(Callback):
         return self.path if self.path.is_absolute() else learn.path / self.path
 
     def before_fit(self, learn: Learner):
-        self.active = is_main_process() and not learn.in_lr_find
-        if not self.active: return
         self.columns = ['epoch', 'batch', 'phase', 'loss', *learn.recorder.metric_names, 'lr']
         path = self._full_path(learn)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +54,7 @@ class CSVLogger(Callback):
             warnings.warn(f'{path} has columns {header}, this fit writes {self.columns}: appended rows will not line up')
 
     def after_batch(self, learn: Learner):
-        if self.active and learn.training and learn.loss is not None:   # None: cancelled before its loss
+        if learn.training and learn.loss is not None:   # None: cancelled before its loss
             self._pending.append((learn.epoch, learn.iter, learn.loss, learn.opt.param_groups[0]['lr']))
 
     def _write_pending(self):
@@ -72,7 +70,6 @@ class CSVLogger(Callback):
         os.fsync(self.file.fileno())
 
     def after_epoch(self, learn: Learner):
-        if not self.active: return
         self._write_pending()
         row = learn.recorder.history[-1] if learn.recorder.history else {}
         if 'valid_loss' in row and row.get('epoch') == learn.epoch:
@@ -81,7 +78,7 @@ class CSVLogger(Callback):
         self._sync()
 
     def after_fit(self, learn: Learner):
-        if not self.active or self.file is None: return
+        if self.file is None: return
         try:
             self._write_pending()
             self._sync()
@@ -90,8 +87,8 @@ class CSVLogger(Callback):
             self.file = None
 
     def state_dict(self) -> dict:
-        "Where the file ends now: a resumed fit cuts it back to here."
-        if not getattr(self, 'active', False) or self.file is None: return {'offset': None}
+        "Where the file ends now: a resumed fit cuts it back to here (None when no fit is writing it)."
+        if self.file is None: return {'offset': None}
         self._write_pending()
         self._sync()
         return {'offset': self.file.tell()}
@@ -101,7 +98,7 @@ class CSVLogger(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.check_state_dict(state)
-        if state.get('offset') is None or not getattr(self, 'active', False) or self.file is None: return
+        if state.get('offset') is None or self.file is None: return
         self.file.flush()
         self.file.truncate(state['offset'])
         self.file.seek(state['offset'])
@@ -138,7 +135,7 @@ def _hparams(learn: Learner) -> dict:
 class TensorBoardLogger(Callback):
     "Write training loss and lr per batch, validation loss and metrics per epoch, and hyper-parameters, for TensorBoard."
     order = 70
-    active = False
+    main_process_only = True
 
     def __init__(self, log_dir: str | Path = 'run/tensorboard/stats'):
         self.log_dir = Path(log_dir)
@@ -150,9 +147,8 @@ class TensorBoardLogger(Callback):
     def name(self) -> str: return 'tensorboard_logger'
 
     def before_fit(self, learn: Learner):
-        self.active = is_main_process() and not learn.in_lr_find
         self.run_dir, self.writers, self._pending, self._purge = None, {}, [], None
-        self._hp = _hparams(learn) if self.active else None
+        self._hp = _hparams(learn)
         self._learn = learn
 
     def _writer(self, learn: Learner, which: str):
@@ -174,7 +170,7 @@ class TensorBoardLogger(Callback):
         fw.add_summary(exp); fw.add_summary(ssi)
 
     def after_batch(self, learn: Learner):
-        if self.active and learn.training and learn.loss is not None:   # None: cancelled before its loss
+        if learn.training and learn.loss is not None:   # None: cancelled before its loss
             self._pending.append((learn.train_iter, learn.loss, learn.opt.param_groups[0]['lr']))
 
     def _write_pending(self, learn: Learner):
@@ -187,7 +183,6 @@ class TensorBoardLogger(Callback):
         self._pending = []
 
     def after_epoch(self, learn: Learner):
-        if not self.active: return
         self._write_pending(learn)
         row = learn.recorder.history[-1] if learn.recorder.history else {}
         if 'valid_loss' in row and row.get('epoch') == learn.epoch:
@@ -197,7 +192,6 @@ class TensorBoardLogger(Callback):
         for w in self.writers.values(): w.flush()
 
     def after_fit(self, learn: Learner):
-        if not self.active: return
         try:
             self._write_pending(learn)
             row = learn.recorder.history[-1] if learn.recorder.history else None
@@ -214,7 +208,7 @@ class TensorBoardLogger(Callback):
 
     def state_dict(self) -> dict:
         "The run folder and the last step written: a resumed fit continues in that folder, dropping later events."
-        if not getattr(self, 'active', False) or not self.writers and not self._pending: return {'run_dir': None}
+        if not self.writers and not self._pending: return {'run_dir': None}      # nothing written (yet)
         self._write_pending(self._learn)
         for w in self.writers.values(): w.flush()
         return {'run_dir': str(self.run_dir), 'step': self._learn.train_iter}
@@ -225,6 +219,6 @@ class TensorBoardLogger(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.check_state_dict(state)
-        if not getattr(self, 'active', False) or state.get('run_dir') is None: return
+        if state.get('run_dir') is None: return
         for w in self.writers.values(): w.close()
         self.writers, self.run_dir, self._purge = {}, Path(state['run_dir']), state['step'] + 1

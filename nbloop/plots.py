@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .core import Callback, is_main_process
+from .core import Callback
 
 if TYPE_CHECKING:
     from nbloop.learner import Learner
@@ -119,6 +119,7 @@ def _in_kernel() -> bool:
 class LivePlotCallback(Callback):
     "Live loss and metric curves (ipywidgets + matplotlib), throttled to a time budget; a static image after fit."
     order = 65
+    main_process_only = True
     _mode = 'none'
     full_draw_cost = 0.05     # seconds: the cheapest full draw (axes, ticks, text) seen in this process
     update_cost = 0.01        # seconds: the latest estimate of an update (curves over a saved background, PNG)
@@ -136,7 +137,7 @@ class LivePlotCallback(Callback):
     def before_fit(self, learn: Learner):
         mode = self.mode
         if mode == 'auto': mode = 'widget' if _in_kernel() else ('offscreen' if self.path else 'none')
-        self._mode = mode if is_main_process() and not learn.in_lr_find else 'none'
+        self._mode = mode
         self.n_draws, self.draw_time, self._last, self._cost = 0, 0., time.perf_counter(), 0.
         self.widget = self._handle = self._canvas = None
         self._ylim_loss = self._ylim_metrics = None

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from fastprogress import fastprogress as fp
 
-from .core import Callback, is_main_process
+from .core import Callback
 
 if TYPE_CHECKING:
     from nbloop.learner import Learner
@@ -55,12 +55,13 @@ class ProgressCallback(Callback):
     "fastprogress bars with the running loss and metrics, and a table row per epoch."
     order = 60
     runs_in_lr_find = True
+    main_process_only = True
 
     def __init__(self, refresh_every: float = 0.2):
         self.refresh_every = refresh_every
         self.mbar = self.pbar = None
 
-    active, _in_fit = True, False
+    _in_fit = False
 
     @staticmethod
     def animated() -> bool:
@@ -68,15 +69,12 @@ class ProgressCallback(Callback):
         return fp.IN_NOTEBOOK or bool(getattr(sys.stdout, 'isatty', lambda: False)())
 
     def before_fit(self, learn: Learner):
-        self.active = is_main_process()
-        if not self.active: return
         # the master bar shows itself at its first update (before_epoch): calling its on_iter_begin here as well
         # would leave a second, empty bar behind in a notebook
         self.mbar = fp.master_bar(range(learn.n_epochs)) if self.animated() else PlainTable()
         self._header_written, self._in_fit, self._started = False, True, False
 
     def before_epoch(self, learn: Learner):
-        if not self.active: return
         if not self._started: self._start(learn)
         if learn.epoch: self.mbar.update(learn.epoch)
 
@@ -99,14 +97,12 @@ class ProgressCallback(Callback):
         self.pbar.update(0)
         self._last = time.perf_counter()
 
-    def before_train(self, learn: Learner):
-        if self.active: self._start_bar(learn)
+    def before_train(self, learn: Learner): self._start_bar(learn)
 
-    def before_validate(self, learn: Learner):
-        if self.active and is_main_process(): self._start_bar(learn)
+    def before_validate(self, learn: Learner): self._start_bar(learn)
 
     def after_batch(self, learn: Learner):
-        if not self.active or self.pbar is None: return
+        if self.pbar is None: return
         now, done = time.perf_counter(), learn.iter + 1
         if now - self._last < self.refresh_every and done != learn.n_iter: return
         self._last = now
@@ -117,14 +113,12 @@ class ProgressCallback(Callback):
         if self.pbar is not None and self.pbar.last_v is not None: self.pbar.on_iter_end()
         self.pbar = None
 
-    def after_train(self, learn: Learner):
-        if self.active: self._end_bar()
+    def after_train(self, learn: Learner): self._end_bar()
 
-    def after_validate(self, learn: Learner):
-        if self.active: self._end_bar()
+    def after_validate(self, learn: Learner): self._end_bar()
 
     def after_epoch(self, learn: Learner):
-        if not self.active or learn.in_lr_find: return
+        if learn.in_lr_find: return         # lr_find's epochs are no rows of the table
         row = learn.recorder.history[-1] if learn.recorder.history else None
         if row is None or row.get('epoch') != learn.epoch: return
         self._write_row(row)
@@ -138,7 +132,7 @@ class ProgressCallback(Callback):
 
     def after_fit(self, learn: Learner):
         self._in_fit = False
-        if not self.active or self.mbar is None: return
+        if self.mbar is None: return
         if self.pbar is not None:
             if learn.interrupted or self.pbar.last_v is not None: self.pbar.on_interrupt()
             self.pbar = None

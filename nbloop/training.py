@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .core import CancelBatchException, CancelFitException, Callback, check_state, is_main_process
+from .core import (CancelBatchException, CancelFitException, Callback, MonitorCallback, check_state,
+                         is_main_process)
 
 if TYPE_CHECKING:
     from nbloop.learner import Learner
@@ -97,22 +98,21 @@ class GradientClip(Callback):
         torch.nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
 # %% ../nbs/07_training.ipynb #03e4cc49
-class EarlyStopping(Callback):
+class EarlyStopping(MonitorCallback):
     """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs, and say so; with
     `restore_best`, the model gets back the weights of its best epoch when the fit ends (stopped early or not)."""
     order = 95
 
     def __init__(self, monitor: str = 'valid_loss', mode: str = 'min', patience: int = 3, min_delta: float = 0.,
                  restore_best: bool = False):
-        if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        super().__init__(monitor, mode, min_delta)
         if not isinstance(patience, int) or patience < 1: raise ValueError(f'patience must be a whole number >= 1, got {patience!r}')
-        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, abs(min_delta)
-        self.restore_best = restore_best
+        self.patience, self.restore_best = patience, restore_best
         self._reset()
 
     def _reset(self):
-        self.best, self.best_epoch, self.wait, self.stopped_epoch, self.best_weights = None, None, 0, None, None
-        self._finished = False
+        self.remember(None, None)
+        self.wait, self.stopped_epoch, self.best_weights, self._finished = 0, None, None, False
 
     def before_fit(self, learn: Learner): self._reset()
 
@@ -124,18 +124,18 @@ class EarlyStopping(Callback):
             raise CancelFitException()
 
     def _why(self) -> str:
-        return (f"{self.monitor} did not improve by more than {self.min_delta:g} for {self.wait} epochs; best "
-                f"{self.best:.6g} at epoch {self.best_epoch}")
+        best = f'best {self.best:.6g} at epoch {self.best_epoch}' if self.best is not None else 'it was never a number'
+        return f"{self.monitor} did not improve by more than {self.min_delta:g} for {self.wait} epochs; {best}"
 
     def after_epoch(self, learn: Learner):
         row = learn.recorder.history[-1] if learn.recorder.history else {}
         if self.monitor not in row:
             raise KeyError(f"EarlyStopping monitors '{self.monitor}', which the history does not have (it has: "
                            f"{', '.join(row)}); pass monitor= one of those")
-        value = row[self.monitor]
-        better = self.best is None or (value < self.best - self.min_delta if self.mode == 'min' else value > self.best + self.min_delta)
-        if better:
-            self.best, self.best_epoch, self.wait = value, learn.epoch, 0
+        value = self.monitored(learn)
+        if self.improved(value):
+            self.remember(value, learn.epoch)
+            self.wait = 0
             if self.restore_best:  # sync point: once per improving epoch
                 self.best_weights = {k: v.detach().to('cpu', copy=True) for k, v in learn.model.state_dict().items()}
         else: self.wait += 1
@@ -166,7 +166,8 @@ class EarlyStopping(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.check_state_dict(state)
-        self.best, self.best_epoch, self.wait = state['best'], state.get('best_epoch'), state['wait']
+        self.remember(state['best'], state.get('best_epoch'))
+        self.wait = state['wait']
         if self.restore_best: self.best_weights = state.get('best_weights')
 
 # %% ../nbs/07_training.ipynb #5f7d1464
