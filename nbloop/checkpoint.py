@@ -40,7 +40,7 @@ __all__ = ['FORMAT', 'FORMAT_VERSION', 'MAX_DEPTH', 'CheckpointError', 'CorruptC
            'load_state', 'CheckpointMismatchError', 'unwrap_model', 'checkpoint_path', 'load_model_state',
            'optimizer_class', 'check_optimizer_fits', 'save_learner', 'load_learner', 'callback_states',
            'training_state', 'check_training_state', 'apply_model_state', 'apply_callback_states', 'new_run_id',
-           'checkpoint_name', 'CheckpointFile', 'scan_checkpoints', 'list_checkpoints', 'resume_state',
+           'checkpoint_name', 'CheckpointFile', 'scan_checkpoints', 'list_checkpoints', 'check_resume', 'resume_state',
            'remove_stale_temporaries', 'CheckpointCallback', 'Table', 'compare_checkpoints']
 
 # %% ../nbs/06_checkpoint.ipynb #3c4bfb5a
@@ -742,12 +742,16 @@ def _training_state_from(learn: Learner, path: Path) -> dict:
     state['path'] = str(path)
     return state
 
-def resume_state(learn: Learner, resume: str | os.PathLike) -> dict | None:
-    "The training state to resume from: `'last'` (newest written that verifies in the checkpoint folder) or a path."
-    if isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike)):
+def check_resume(resume: Any) -> None:
+    "Raise TypeError unless `resume` is None, 'last' or a path (`fit` checks it before anything changes)."
+    if resume is not None and (isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike))):
         raise TypeError(f"resume must be None (start fresh), 'last' (the newest checkpoint in the CheckpointCallback's "
                         f"folder) or the path of a checkpoint file (a str or os.PathLike); got {resume!r} "
                         f"({type(resume).__name__})")
+
+def resume_state(learn: Learner, resume: str | os.PathLike) -> dict | None:
+    "The training state to resume from: `'last'` (newest written that verifies in the checkpoint folder) or a path."
+    check_resume(resume)
     cb = learn.get_cb(CheckpointCallback)
     folder = cb.folder(learn) if cb is not None else learn.path / 'checkpoints'
     if isinstance(resume, str) and resume == 'last':

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import signal
 import sys
 import threading
@@ -258,9 +257,7 @@ class Learner:
                            'cannot run inside another. Train afterwards, or use a second Learner.')
         if not isinstance(n_epochs, int) or isinstance(n_epochs, bool) or n_epochs < 0:
             raise ValueError(f'n_epochs must be a whole number >= 0, got {n_epochs!r}')
-        if resume is not None and (isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike))):
-            raise TypeError(f"resume must be None (start fresh), 'last' (the newest checkpoint in the "
-                            f"CheckpointCallback's folder) or the path of a checkpoint file; got {resume!r}")
+        checkpoint.check_resume(resume)
 
     def set_lr(self, lr: float) -> None:
         "Set the learning rate of the first parameter group to `lr`; other groups keep their ratio to it."

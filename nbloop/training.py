@@ -94,7 +94,7 @@ class GradientClip(Callback):
         self.max_norm, self.norm_type = max_norm, norm_type
 
     def before_step(self, learn: Learner):
-        if learn.scaler is not None: learn.scaler.unscale_(learn.opt)
+        learn.runtime.unscale(learn.opt)
         torch.nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
 # %% ../nbs/07_training.ipynb #03e4cc49
@@ -180,7 +180,7 @@ class TerminateOnNaN(Callback):
         self.stopped_at = None
 
     def before_fit(self, learn: Learner):
-        self._bad, self._copy, self.stopped_at = None, None, None
+        self._bad, self._copy, self._host, self.stopped_at = None, None, None, None
 
     def after_batch(self, learn: Learner):
         if not learn.training or learn.loss is None: return
@@ -196,7 +196,8 @@ class TerminateOnNaN(Callback):
         elif learn.train_iter % self.check_every == 0: self._check_now(learn)
 
     def _start_copy(self, step: int) -> None:
-        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        if self._host is None: self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host = self._host        # one copy in flight at a time, so one pinned buffer serves them all
         host.copy_(self._bad, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
