@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -65,8 +66,10 @@ class ProgressCallback(Callback):
 
     @staticmethod
     def animated() -> bool:
-        "Whether bars can animate here: in a notebook, or in a terminal that is a TTY."
-        return fp.IN_NOTEBOOK or bool(getattr(sys.stdout, 'isatty', lambda: False)())
+        """Whether bars can animate here: in a notebook, or in a terminal that is a TTY. Not in a process that
+        `launch` started from a notebook: it can print to the notebook but not display widgets there."""
+        in_notebook = fp.IN_NOTEBOOK and os.environ.get('NBLOOP_LAUNCHED') != '1'
+        return in_notebook or bool(getattr(sys.stdout, 'isatty', lambda: False)())
 
     def before_fit(self, learn: Learner):
         # the master bar shows itself at its first update (before_epoch): calling its on_iter_begin here as well
