@@ -91,6 +91,7 @@ class Callback:
     order: int = 0
     runs_in_lr_find: bool = False
     main_process_only: bool = False
+    per_process_state: bool = False
 
     @property
     def name(self) -> str:

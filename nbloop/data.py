@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, get_worker_info
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, TensorDataset, get_worker_info
 
 # %% auto #0
 __all__ = ['digits_arrays', 'load_digits', 'is_replayable', 'EpochPlan', 'data_generators']
@@ -74,7 +74,7 @@ class _ReplaySampler:
         plan = self.plan
         for k in range(plan.start, len(plan.batches)):
             b = plan.batches[k]
-            yield _SeededBatch(b, (plan.seed * 1_000_003 + k) % 2**63) if plan.seed is not None and isinstance(b, list) else b
+            yield _SeededBatch(b, (plan.seed * 1_000_003 + k * plan.world_size + plan.rank) % 2**63) if plan.seed is not None and isinstance(b, list) else b
 
 # %% ../nbs/08_data.ipynb #b4751aac
 _LOADER_ARGS = ('num_workers', 'collate_fn', 'pin_memory', 'timeout', 'worker_init_fn', 'multiprocessing_context',
@@ -85,14 +85,25 @@ def is_replayable(dl: Any) -> bool:
     return isinstance(dl, DataLoader) and not isinstance(dl.dataset, IterableDataset)
 
 class EpochPlan:
-    "Iterate `dl` one epoch at a time, from any batch position, replaying a planned order for map-style DataLoaders."
-    def __init__(self, dl: Iterable, name: str = 'train_dl'):
-        self.dl, self.name = dl, name
+    """Iterate `dl` one epoch at a time, from any batch position, replaying a planned order for map-style DataLoaders.
+    With several processes (`runtime` of world size > 1) every process takes its share of one global order."""
+    def __init__(self, dl: Iterable, name: str = 'train_dl', runtime: Any = None, pad: bool = True):
+        self.dl, self.name, self.pad = dl, name, pad
+        self.rank, self.world_size = (runtime.rank, runtime.world_size) if runtime is not None else (0, 1)
+        self._share = runtime.broadcast if runtime is not None else (lambda obj: obj)
         self.replayable = is_replayable(dl)
         self.batches: list | None = None
         self.seed: int | None = None
         self.start = 0
+        self.order: list | None = None      # several processes: the epoch's global order (samples, or batches)
+        self.base = 0                       # where in `order` this epoch's split starts (0 unless resumed elsewhere)
+        self.resplit = False                # set when a resume re-split the epoch for another number of processes
         if self.replayable: self.loader = self._replay_loader(dl)
+        elif self.world_size > 1:
+            warnings.warn(f'{name} is a {type(dl).__name__}, not a DataLoader over a map-style dataset, so nbloop cannot '
+                          f'split it between the {self.world_size} processes: each iterates all of it as it is. Shard it '
+                          f'yourself (by the RANK environment variable), with the same number of training batches on '
+                          f'every process, or the processes wait on each other forever.')
 
     def _replay_loader(self, dl: DataLoader) -> DataLoader:
         kwargs = {a: getattr(dl, a) for a in _LOADER_ARGS if hasattr(dl, a)}
@@ -102,15 +113,53 @@ class EpochPlan:
             return DataLoader(dataset, batch_size=None, sampler=_ReplaySampler(self), **kwargs)
         return DataLoader(dataset, batch_sampler=_ReplaySampler(self), **kwargs)
 
+    @property
+    def _by_sample(self) -> bool:
+        "Whether several processes split the order sample by sample (a plain BatchSampler, or none) or batch by batch."
+        return self.dl.batch_sampler is None or type(self.dl.batch_sampler) is BatchSampler
+
     def plan_epoch(self) -> None:
         "Draw this epoch's order from the dataloader's own sampler (and a worker seed when it has workers)."
         if not self.replayable: return
-        sampler = self.dl.batch_sampler if self.dl.batch_sampler is not None else self.dl.sampler
-        self.batches = list(sampler)
-        self.seed = int(torch.randint(0, 2**62, ())) if self.dl.num_workers > 0 else None
+        bs = self.dl.batch_sampler
+        if self.world_size == 1:
+            self.batches = list(bs if bs is not None else self.dl.sampler)
+            self.seed = int(torch.randint(0, 2**62, ())) if self.dl.num_workers > 0 else None
+            return
+        # every process draws (so its random generators advance as in one process); rank 0's draw is used by all
+        order = list(self.dl.sampler if bs is None else bs.sampler if self._by_sample else bs)
+        seed = int(torch.randint(0, 2**62, ())) if self.dl.num_workers > 0 else None
+        self.order, self.seed = self._share((order, seed))
+        self.base, self.resplit = 0, False
+        self.batches = self._split(self.base)
+
+    def _split(self, base: int) -> list:
+        """This process's batches of `order[base:]`: sample (or batch) `i` of it goes to process `i % world_size`;
+        for training the order is first padded by wrapping around, so that every process gets as many batches."""
+        rest, ws = self.order[base:], self.world_size
+        if self.pad and rest:
+            total = -(-len(rest) // ws) * ws
+            rest = (rest * (total // len(rest) + 1))[:total]
+        mine = rest[self.rank::ws]
+        bs = self.dl.batch_sampler
+        if bs is None or not self._by_sample: return mine          # single indices, or whole custom batches
+        batches = [mine[i:i + bs.batch_size] for i in range(0, len(mine), bs.batch_size)]
+        if bs.drop_last and batches and len(batches[-1]) < bs.batch_size: batches.pop()
+        return batches
+
+    def _unit_size(self) -> int:
+        "How many units of the global order one batch of one process takes: its batch size, or 1."
+        bs = self.dl.batch_sampler
+        return bs.batch_size if bs is not None and self._by_sample else 1
 
     def __len__(self) -> int:
         if self.batches is not None: return len(self.batches)
+        if self.replayable and self.world_size > 1:               # before the first plan: this process's share
+            n, ws = len(self.dl.sampler if self._by_sample else self.dl.batch_sampler), self.world_size
+            n = -(-n // ws) if self.pad else len(range(self.rank, n, ws))
+            bs = self.dl.batch_sampler
+            if bs is None or not self._by_sample: return n
+            return n // bs.batch_size if bs.drop_last else -(-n // bs.batch_size)
         return len(self.dl)
 
     def length(self) -> int | None:
@@ -140,19 +189,29 @@ class EpochPlan:
         return it
 
     def state_dict(self) -> dict:
-        "The planned order of the current epoch and the worker seed."
+        """The planned order of the current epoch and the worker seed. With several processes: the global order,
+        the number of processes and where their split starts, so that any number of processes can continue it."""
         if not self.replayable or self.batches is None: return {'replayable': False}
+        if self.world_size > 1:
+            nested = not self._by_sample
+            flat = [i for b in self.order for i in b] if nested else list(self.order)
+            return {'replayable': True, 'nested': nested, 'seed': self.seed,
+                    'indices': torch.tensor(flat, dtype=torch.int64),
+                    'lengths': torch.tensor([len(b) for b in self.order] if nested else [], dtype=torch.int64),
+                    'world_size': self.world_size, 'base': self.base, 'batch_size': self._unit_size()}
         nested = self.dl.batch_sampler is not None
         flat = [i for b in self.batches for i in b] if nested else list(self.batches)
         return {'replayable': True, 'nested': nested, 'seed': self.seed,
                 'indices': torch.tensor(flat, dtype=torch.int64),
                 'lengths': torch.tensor([len(b) for b in self.batches] if nested else [], dtype=torch.int64)}
 
-    def load_state_dict(self, state: dict) -> None:
-        "Restore a planned epoch saved by `state_dict`."
+    def load_state_dict(self, state: dict, start: int = 0) -> int:
+        """Restore a planned epoch saved by `state_dict`, to continue at batch `start`; returns the batch to continue
+        at. A plan written by another number of processes is re-split: the rest of its global order (from the first
+        sample no process had reached) is divided among this run's processes, which start at their batch 0."""
         if not state.get('replayable'):
             self.batches = None
-            return
+            return start
         if not self.replayable:
             raise ValueError(f"the checkpoint planned {self.name} as a map-style DataLoader, but {self.name} is now "
                              f"a {type(self.dl).__name__}; resume with the same kind of dataloader")
@@ -162,12 +221,31 @@ class EpochPlan:
             raise ValueError(f"cannot resume {self.name}: the checkpoint's plan for this epoch uses sample index "
                              f"{max(flat)}, but its dataset now has {size} samples. The data changed since the "
                              f"checkpoint was written; resume with the same data, or start a fresh fit (resume=None).")
+        groups = []
         if state['nested']:
-            self.batches, pos = [], 0
+            pos = 0
             for n in state['lengths'].tolist():
-                self.batches.append(flat[pos:pos + n]); pos += n
-        else: self.batches = flat
+                groups.append(flat[pos:pos + n]); pos += n
+        saved_ws = state.get('world_size')
         self.seed = state['seed']
+        if saved_ws is None and self.world_size == 1:              # one process, then and now: replay as planned
+            self.batches = groups if state['nested'] else flat
+            return start
+        # the global order and how much of it the processes had consumed by batch `start`
+        if saved_ws is None:        # one process: its batches are the global order
+            if state['nested'] and self._by_sample: order, done = flat, sum(map(len, groups[:start]))
+            else: order, done = (groups if state['nested'] else flat), start
+        else:
+            order = groups if state['nested'] else flat
+            done = state['base'] + start * state.get('batch_size', self._unit_size()) * saved_ws
+        self.order = order
+        if saved_ws == self.world_size:
+            self.base, self.resplit = state['base'], False
+            self.batches = self._split(self.base)
+            return start
+        self.base, self.resplit = min(done, len(order)), True
+        self.batches = self._split(self.base)
+        return 0
 
 def _dataset_size(dl: DataLoader) -> int | None:
     "How many samples the map-style dataset of `dl` has (None when it has no length)."

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,13 @@ class Metric:
     def accumulate(self, learn) -> None: self.update(learn.pred, learn.yb[0])
     def update(self, pred: torch.Tensor, targ: torch.Tensor) -> None: raise NotImplementedError
     def compute(self) -> float: raise NotImplementedError
+    def sync(self, gather: Callable[[Any], list]) -> None:
+        """With several processes, combine every process's accumulated state before `compute` (the Recorder calls
+        it at the end of validation); `gather(obj)` returns every process's `obj`. Subclasses that accumulate define
+        it; this one warns that the value is this process's alone."""
+        warnings.warn(f"metric '{self.name}' ({type(self).__name__}) has no sync method, so with several processes "
+                      f"its value covers this process's share of the validation data only; define sync(gather) to "
+                      f"combine the processes' states")
     def __repr__(self): return f'{type(self).__name__}({self.name!r})'
 
 def batch_size_of(targ: Any) -> int:
@@ -76,6 +84,9 @@ class AvgMetric(Metric):
     def compute(self) -> float:
         # sync point: once per epoch
         return float(self.total / self.count) if self.count else math.nan
+    def sync(self, gather):
+        parts = gather((float(self.total), int(self.count)))
+        self.total, self.count = sum(t for t, _ in parts), sum(c for _, c in parts)
 
 class ObjectMetric(Metric):
     "Use an object with `reset/update/compute` (e.g. a torchmetrics metric) as it is."
@@ -87,6 +98,8 @@ class ObjectMetric(Metric):
         "Move the wrapped object to `device` if it can move."
         if hasattr(self.obj, 'to'): self.obj = self.obj.to(device) or self.obj
         return self
+    def sync(self, gather):
+        "Nothing to do: objects such as torchmetrics' metrics combine the processes' states themselves in `compute`."
     def compute(self) -> float:
         value = self.obj.compute()
         return float(value) if not isinstance(value, torch.Tensor) or value.numel() == 1 else value
@@ -107,6 +120,10 @@ class CountMetric(Metric):
         if all(isinstance(c, torch.Tensor) for c in counts): counts = torch.stack(counts).tolist()  # sync point: once per epoch
         hits, total = counts
         return hits / total if total else math.nan    # Python ints: one correctly rounded float64 division
+    def sync(self, gather):
+        mine = None if self.hits is None else (int(self.hits), int(self.total))
+        parts = [p for p in gather(mine) if p is not None]
+        self.hits, self.total = (sum(h for h, _ in parts), sum(t for _, t in parts)) if parts else (None, None)
 
 class EpochMetric(Metric):
     "Compute `fn(preds, targs)` once over the whole epoch's predictions and targets, gathered on the device."
@@ -120,6 +137,13 @@ class EpochMetric(Metric):
     def compute(self) -> float:
         if not self.preds: return math.nan
         return _as_float(self.fn(torch.cat(self.preds), torch.cat(self.targs)), self.name, 'returned')
+    def sync(self, gather):
+        "Every process's predictions and targets, in rank order (copied through the CPU)."
+        device = self.preds[0].device if self.preds else None
+        mine = (torch.cat(self.preds).cpu(), torch.cat(self.targs).cpu()) if self.preds else None
+        parts = [p for p in gather(mine) if p is not None]
+        self.preds = [p.to(device) if device is not None else p for p, _ in parts]
+        self.targs = [t.to(device) if device is not None else t for _, t in parts]
 
 def as_metric(m: Metric | Callable | Any) -> Metric:
     "Wrap `m` as a `Metric`: metrics stay, counting functions count, objects with reset/update/compute stay, functions are averaged."
@@ -196,6 +220,9 @@ class MatthewsCorrCoef(Metric):
         c, s = cm.trace(), cm.sum()
         denom = ((s * s - (p * p).sum()) * (s * s - (t * t).sum())).sqrt()
         return 0. if denom == 0 else float((c * s - (p * t).sum()) / denom)
+    def sync(self, gather):
+        parts = [c for c in gather(None if self.confusion is None else self.confusion.cpu()) if c is not None]
+        if parts: self.confusion = torch.stack(parts).sum(0)
 
 # %% ../nbs/01_metrics.ipynb #5a2ad07e
 class Perplexity(Metric):
@@ -216,12 +243,20 @@ class Perplexity(Metric):
     def compute(self) -> float:
         count = int(self.count)   # sync point: once per epoch
         return math.exp(float(self.total) / count) if count else math.nan
+    def sync(self, gather):
+        parts = gather((float(self.total), int(self.count)))
+        self.total, self.count = sum(t for t, _ in parts), sum(c for _, c in parts)
 
 # %% ../nbs/01_metrics.ipynb #58e6fa2e
+def _several(learn) -> bool:
+    "Whether `learn` trains in several processes (its runtime is distributed)."
+    return getattr(getattr(learn, 'runtime', None), 'distributed', False)
+
 class Recorder(Callback):
     "Record per-batch losses and learning rates, per-epoch history, and compute metrics during validation."
     order = 50
     runs_in_lr_find = True
+    per_process_state = True       # each process records its own batches' losses
     smooth_beta = 0.98
     _row_keys = ('epoch', 'train_loss', 'valid_loss', 'time')
 
@@ -312,19 +347,32 @@ class Recorder(Callback):
         self._flush()
         return self._smoothed[-1] if self._smoothed else math.nan
 
-    def train_loss(self) -> float:
-        "Mean training loss of the current epoch so far, weighted by batch size."
+    def _train_sums(self) -> tuple[float, int]:
         self._flush()
         vals = self._losses[self._epoch_start:]
-        n = sum(self._sizes)
-        return sum(v * s for v, s in zip(vals, self._sizes)) / n if n else math.nan
+        return sum(v * s for v, s in zip(vals, self._sizes)), sum(self._sizes)
+
+    def _valid_sums(self) -> tuple[float, int]:
+        if not self._valid: return 0., 0
+        vals = torch.stack([v.float() for v in self._valid]).tolist()  # sync point
+        return sum(v * s for v, s in zip(vals, self._valid_sizes)), sum(self._valid_sizes)
+
+    def train_loss(self) -> float:
+        "Mean training loss of the current epoch so far (in this process), weighted by batch size."
+        total, n = self._train_sums()
+        return total / n if n else math.nan
 
     def valid_loss(self) -> float:
-        "Mean validation loss so far, weighted by batch size."
-        if not self._valid: return math.nan
-        vals = torch.stack([v.float() for v in self._valid]).tolist()  # sync point
-        n = sum(self._valid_sizes)
-        return sum(v * s for v, s in zip(vals, self._valid_sizes)) / n
+        "Mean validation loss so far (in this process), weighted by batch size."
+        total, n = self._valid_sums()
+        return total / n if n else math.nan
+
+    @staticmethod
+    def _mean_over_processes(learn, sums: tuple[float, int]) -> float:
+        "The mean over every process's samples, from each process's (sum, count)."
+        parts = learn.runtime.gather(sums)
+        total, n = sum(t for t, _ in parts), sum(c for _, c in parts)
+        return total / n if n else math.nan
 
     def running_values(self, training: bool) -> dict[str, float]:
         "Running loss (and, in validation, metrics) of the current phase, for progress displays. A sync point."
@@ -337,7 +385,8 @@ class Recorder(Callback):
         return vals
 
     def after_train(self, learn):
-        self._row = {'epoch': learn.epoch, 'train_loss': self.train_loss()}
+        loss = self._mean_over_processes(learn, self._train_sums()) if _several(learn) else self.train_loss()
+        self._row = {'epoch': learn.epoch, 'train_loss': loss}
         self._epoch_start, self._sizes = len(self._losses), []
 
     def before_validate(self, learn):
@@ -347,9 +396,12 @@ class Recorder(Callback):
             m.reset()
 
     def after_validate(self, learn):
-        values = {'valid_loss': self.valid_loss()}
+        several = _several(learn)
+        values = {'valid_loss': self._mean_over_processes(learn, self._valid_sums()) if several else self.valid_loss()}
         for m in self.metrics:
-            try: values[m.name] = m.compute()
+            try:
+                if several: m.sync(learn.runtime.gather)
+                values[m.name] = m.compute()
             except MetricError: raise
             except Exception as e:
                 raise MetricError(f"metric '{m.name}' raised {type(e).__name__} when computing its value at the end "
