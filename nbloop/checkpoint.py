@@ -523,7 +523,9 @@ def save_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True
     path = checkpoint_path(learn, name_or_path)
     state = {'kind': 'weights', 'model': unwrap_model(learn.model).state_dict()}
     if with_opt: state.update(opt=learn.opt.state_dict(), opt_class=optimizer_class(learn.opt))
-    return save_state(path, state)
+    if learn.runtime.is_main: save_state(path, state)       # several processes: rank 0 writes, the others wait
+    learn.runtime.barrier()
+    return path
 
 def load_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True, strict: bool = True) -> None:
     "Load model (and optimizer) state into `learn` from a file written by `save_learner` or `CheckpointCallback`."
@@ -558,17 +560,29 @@ def _named_callbacks(learn: Learner) -> list[tuple[str, Callback]]:
         named.append((n if seen[n] == 1 else f'{n}_{seen[n]}', cb))
     return named
 
-def training_state(learn: Learner, position: dict, rng: dict | None = None) -> dict:
-    "Everything needed to continue `learn`'s fit from `position` exactly."
+def training_state(learn: Learner, position: dict, rng: dict | None = None) -> dict | None:
+    """Everything needed to continue `learn`'s fit from `position` exactly. With several processes every one of
+    them must call it (it gathers each one's part: random states and unsynchronized gradients), and only rank 0
+    gets the state (the others get None): a checkpoint is complete by construction, or not written at all."""
     model = unwrap_model(learn.model)
-    return {'kind': 'training', 'format_version': FORMAT_VERSION,
-            'model': model.state_dict(), 'opt': learn.opt.state_dict(), 'opt_class': optimizer_class(learn.opt),
-            'grads': {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-            'scaler': None if learn.scaler is None else learn.scaler.state_dict(),
-            'training': learn.state.state_dict(position),
-            'rng': rng if rng is not None else learn.capture_rng(),
-            'data': learn.train_plan.state_dict() if position['phase'] == 'train' else {'replayable': False},
-            'callbacks': callback_states(learn)}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    own = {'rng': rng if rng is not None else learn.capture_rng(), 'grads': grads}
+    parts = None
+    if learn.runtime.distributed:
+        parts = learn.runtime.gather({'rng': own['rng'], 'grads': {n: g.cpu() for n, g in grads.items()},
+                                      'callbacks': {n: cb.state_dict() for n, cb in _named_callbacks(learn)
+                                                    if cb.per_process_state}})
+    if not learn.runtime.is_main: return None
+    state = {'kind': 'training', 'format_version': FORMAT_VERSION,
+             'model': model.state_dict(), 'opt': learn.opt.state_dict(), 'opt_class': optimizer_class(learn.opt),
+             'grads': grads, 'scaler': None if learn.scaler is None else learn.scaler.state_dict(),
+             'training': learn.state.state_dict(position), 'rng': own['rng'],
+             'data': learn.train_plan.state_dict() if position['phase'] == 'train' else {'replayable': False},
+             'callbacks': callback_states(learn)}
+    if parts is not None:
+        state['ranks'] = parts
+        state['training']['world_size'] = len(parts)
+    return state
 
 def _check_rng(rng: Any, path: Path | str) -> None:
     "The global generator states, each tried on a scratch generator of its kind."
@@ -590,6 +604,23 @@ def _check_rng(rng: Any, path: Path | str) -> None:
             except RuntimeError: ok = False
         _expect(ok, path, f'rng.{key}', 'a list of generator states (1-D uint8 tensors)', states)
 
+def _check_ranks(state: dict, path: Path | str) -> None:
+    "A checkpoint of several processes holds the part of every one of them: random states and gradients."
+    world = state['training'].get('world_size', 1)
+    _expect(_is_index(world) and world >= 1, path, 'training.world_size', 'a whole number >= 1', world)
+    if world == 1 and 'ranks' not in state: return
+    ranks = state.get('ranks')
+    _expect(isinstance(ranks, list) and all(isinstance(r, dict) for r in ranks), path, 'ranks',
+            f'the parts of the {world} processes that wrote it', ranks)
+    if len(ranks) != world:
+        raise CorruptCheckpointError(f'{path} is incomplete: it holds the parts of {len(ranks)} of the {world} '
+                                     f'processes that wrote it')
+    for r, part in enumerate(ranks):
+        _check_rng(part.get('rng'), path)
+        _check_tensors(part.get('grads'), path, f'ranks[{r}].grads')
+        _expect(isinstance(part.get('callbacks', {}), dict), path, f'ranks[{r}].callbacks',
+                'a dict of callback states by name', part.get('callbacks'))
+
 def _check_data(data: Any, position: dict, path: Path | str) -> None:
     "The planned batches of the current epoch: index tensors that fit together and the dataset."
     _expect(isinstance(data, dict) and isinstance(data.get('replayable'), bool), path, 'data',
@@ -607,6 +638,11 @@ def _check_data(data: Any, position: dict, path: Path | str) -> None:
     _expect(position['phase'] != 'train' or position['iter'] <= batches, path, 'training.position',
             f'a batch within the {batches} planned batches of the epoch', position)
     _expect(len(idx) == 0 or int(idx.min()) >= 0, path, 'data.indices', 'sample indices >= 0', idx)
+    if 'world_size' in data:         # several processes' plan: the global order and where their split starts
+        units = len(lengths) if data['nested'] else len(idx)
+        ok = all(_is_index(data.get(k)) and data[k] >= 1 for k in ('world_size', 'batch_size'))
+        _expect(ok and _is_index(data.get('base')) and data['base'] <= units, path, 'data',
+                f"'world_size' and 'batch_size' >= 1 and a 'base' within the {units} planned units", data)
     # (indices past the end of a dataset that shrank are a mismatch, not damage: the data module says so on resume)
 
 def check_training_state(state: Any, path: Path | str, learn: Learner | None = None) -> None:
@@ -629,15 +665,17 @@ def check_training_state(state: Any, path: Path | str, learn: Learner | None = N
     _expect(tr.get('total_steps') is None or _is_index(tr['total_steps']), path, 'training.total_steps',
             'None or a whole number >= 0', tr.get('total_steps'))
     _check_rng(state.get('rng'), path)
+    _check_ranks(state, path)
     _check_data(state.get('data'), pos, path)
     _expect(isinstance(state.get('callbacks'), dict), path, 'callbacks', 'a dict of callback states by name', state.get('callbacks'))
     if learn is None: return
-    for name, cb in _named_callbacks(learn):
-        if name in state['callbacks'] and hasattr(cb, 'check_state_dict'):
-            try: cb.check_state_dict(state['callbacks'][name])
-            except (ValueError, TypeError, KeyError) as e:
-                raise CorruptCheckpointError(f"{path} is not a usable checkpoint: the state of callback '{name}' is "
-                                             f"not one it can load ({e})") from e
+    for states in [state['callbacks']] + [part.get('callbacks', {}) for part in state.get('ranks', [])]:
+        for name, cb in _named_callbacks(learn):
+            if name in states and hasattr(cb, 'check_state_dict'):
+                try: cb.check_state_dict(states[name])
+                except (ValueError, TypeError, KeyError) as e:
+                    raise CorruptCheckpointError(f"{path} is not a usable checkpoint: the state of callback '{name}' "
+                                                 f"is not one it can load ({e})") from e
 
 def apply_model_state(learn: Learner, state: dict) -> None:
     "Stage 1 of a resume: model and optimizer, both checked against the learner before either changes."
@@ -750,8 +788,50 @@ def check_resume(resume: Any) -> None:
                         f"({type(resume).__name__})")
 
 def resume_state(learn: Learner, resume: str | os.PathLike) -> dict | None:
-    "The training state to resume from: `'last'` (newest written that verifies in the checkpoint folder) or a path."
+    """The training state to resume from: `'last'` (newest written that verifies in the checkpoint folder) or a path.
+    With several processes rank 0 picks the file and every process loads it (a folder they share) and takes its
+    own part; another number of processes than wrote it continues, with a warning that it is not bit-exact."""
     check_resume(resume)
+    if not learn.runtime.distributed: return _adapt(learn, _find_resume_state(learn, resume))
+    found, error = None, None
+    if learn.runtime.is_main:
+        try: found = _find_resume_state(learn, resume)
+        except Exception as e: error = e
+    picked = learn.runtime.broadcast(('error', f'{type(error).__name__}: {error}') if error is not None
+                                     else ('ok', None if found is None else found['path']))
+    if picked[0] == 'error':
+        if error is not None: raise error
+        raise CheckpointError(f'rank 0 could not resume from {str(resume)!r}: {picked[1]}')
+    if picked[1] is None: return None
+    return _adapt(learn, found if found is not None else _training_state_from(learn, Path(picked[1])))
+
+def _adapt(learn: Learner, state: dict | None) -> dict | None:
+    "This process's part of a checkpoint, and, for another number of processes, schedules by the fraction done."
+    if state is None: return None
+    world, now = state['training'].get('world_size', 1), learn.runtime.world_size
+    ranks = state.pop('ranks', None)
+    if ranks is not None:
+        mine = ranks[learn.runtime.rank % len(ranks)]
+        state['rng'] = mine['rng']
+        state['callbacks'].update(mine.get('callbacks', {}))
+        if world == now: state['grads'] = mine['grads']
+        else:      # gradients accumulated but not yet all-reduced: their average is what the step would have used
+            names = set().union(*(r['grads'] for r in ranks))
+            state['grads'] = {n: torch.stack([r['grads'][n] for r in ranks if n in r['grads']]).mean(0) for n in names}
+    if world != now:
+        tr, total = state['training'], learn.state.total_steps
+        if tr.get('total_steps') and total:
+            tr['train_iter'] = round(tr['train_iter'] / tr['total_steps'] * total)
+            tr['total_steps'] = total
+        if learn.runtime.is_main:
+            warnings.warn(f"{state['path']} was written by {world} process{'es' if world > 1 else ''} and is resumed by "
+                          f"{now}: the rest of the epoch's samples are split among the {now} (none skipped or "
+                          f"repeated), schedules follow the fraction of training done, and the result is not "
+                          f"bit-exact (resume with {world} to continue exactly)")
+    return state
+
+def _find_resume_state(learn: Learner, resume: str | os.PathLike) -> dict | None:
+    "The checkpoint `resume` names, loaded and validated (None when 'last' finds none)."
     cb = learn.get_cb(CheckpointCallback)
     folder = cb.folder(learn) if cb is not None else learn.path / 'checkpoints'
     if isinstance(resume, str) and resume == 'last':
@@ -800,9 +880,9 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 # %% ../nbs/06_checkpoint.ipynb #7eeea89f
 class CheckpointCallback(MonitorCallback):
-    "Write training checkpoints every few epochs/steps, keep the newest and the best, and save on interrupt."
+    """Write training checkpoints every few epochs/steps, keep the newest and the best, and save on interrupt.
+    With several processes it runs in all of them (each contributes its part of every checkpoint) and rank 0 writes."""
     order = 90
-    main_process_only = True
 
     def __init__(self, dir: str | Path = 'checkpoints', every_n_epochs: int | None = 1, every_n_steps: int | None = None,
                  keep_last: int | None = 3, monitor: str = 'valid_loss', mode: str = 'min', save_best: bool = True,
@@ -823,8 +903,9 @@ class CheckpointCallback(MonitorCallback):
         self.last_path, self._rng_after_train = None, None
         self.run = new_run_id()          # a resumed run gets its own id back from its state (load_state_dict)
         self._warned = False
-        self._check_folder(self.folder(learn))
-        remove_stale_temporaries(self.folder(learn))
+        if learn.runtime.is_main:
+            self._check_folder(self.folder(learn))
+            remove_stale_temporaries(self.folder(learn))
 
     def _check_folder(self, folder: Path) -> None:
         if folder.exists() and not folder.is_dir():
@@ -853,7 +934,7 @@ class CheckpointCallback(MonitorCallback):
     def _end_of_epoch(self, learn: Learner) -> None:
         "Runs once every after_epoch handler has: the best and the epoch's checkpoint, with their states final."
         value = self.monitored(learn)
-        if value is None and self.save_best and not self._warned:
+        if value is None and self.save_best and not self._warned and learn.runtime.is_main:
             row = learn.recorder.history[-1] if learn.recorder.history else {}
             warnings.warn(f"CheckpointCallback monitors '{self.monitor}', which the history does not have "
                           f"(it has: {', '.join(row)}); no best checkpoint is kept")
@@ -862,35 +943,39 @@ class CheckpointCallback(MonitorCallback):
         if improved: self.remember(value, learn.epoch)
         position = learn.state.end_of_epoch_position()
         last = learn.epoch + 1 == learn.n_epochs
-        path = None
-        if last or (self.every_n_epochs and (learn.epoch + 1) % self.every_n_epochs == 0):
-            path = self.save(learn, position)
-        if improved: self._save_best(learn, path, position)
+        written = last or bool(self.every_n_epochs and (learn.epoch + 1) % self.every_n_epochs == 0)
+        path = self.save(learn, position) if written else None
+        if improved: self._save_best(learn, path, position, written)
 
     def after_fit(self, learn: Learner):
         if not learn.interrupted or not self.save_on_interrupt: return
         position = learn.state.position_now()
         rng = self._rng_after_train if position['phase'] == 'valid' else None   # valid: as training ended
         path = self.save(learn, position, rng)
-        print(f'nbloop: {learn.interrupted} received; saved checkpoint {path}. '
-              f"Continue with learn.{learn.state.fit_method}(..., resume='last').", file=sys.stderr, flush=True)
+        if path is not None:
+            print(f'nbloop: {learn.interrupted} received; saved checkpoint {path}. '
+                  f"Continue with learn.{learn.state.fit_method}(..., resume='last').", file=sys.stderr, flush=True)
 
-    def save(self, learn: Learner, position: dict, rng: dict | None = None) -> Path:
-        "Write a training checkpoint for `position` now, then rotate this run's old ones away."
+    def save(self, learn: Learner, position: dict, rng: dict | None = None) -> Path | None:
+        """Write a training checkpoint for `position` now, then rotate this run's old ones away. With several
+        processes every one calls it, and rank 0 writes (the others get None)."""
         folder = self.folder(learn)
-        path = save_state(folder / checkpoint_name(position, learn.train_iter, self.run),
-                          training_state(learn, position, rng), metadata={'run': self.run})
+        state = training_state(learn, position, rng)
+        if state is None: return None
+        path = save_state(folder / checkpoint_name(position, learn.train_iter, self.run), state, metadata={'run': self.run})
         self.last_path = path
         if self.keep_last is not None:
             for old in list_checkpoints(folder, run=self.run)[:-self.keep_last]:
                 if old != path: old.unlink(missing_ok=True)
         return path
 
-    def _save_best(self, learn: Learner, path: Path | None, position: dict) -> None:
+    def _save_best(self, learn: Learner, path: Path | None, position: dict, written: bool) -> None:
         best = self.folder(learn) / 'best.safetensors'
-        if path is None:
-            save_state(best, training_state(learn, position), metadata={'run': self.run})
+        if not written:
+            state = training_state(learn, position)
+            if state is not None: save_state(best, state, metadata={'run': self.run})
             return
+        if not learn.runtime.is_main: return
         tmp = temporary_path(best)
         try:
             try: os.link(path, tmp)              # a second name for the same bytes: instant, and atomic below

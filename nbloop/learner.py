@@ -25,8 +25,8 @@ from .core import (
     CancelBatchException, CancelEpochException, CancelFitException, CancelTrainException,
     CancelValidateException, Callback, RunState, as_callback, build_dispatch, describe, get_rng_state, handlers_of,
     set_rng_state, split_batch)
-from .data import EpochPlan, data_generators
-from .runtime import Runtime
+from .data import EpochPlan, data_generators, is_replayable
+from .runtime import make_runtime
 from .metrics import Recorder
 from .progress import ProgressCallback
 from .schedule import LRFinder, LRFindResult, LRScheduler, has_momentum, one_cycle_schedules
@@ -101,7 +101,7 @@ class Learner:
                                 f'of batches, or an object whose __iter__ returns a new iterator each time.')
         if not callable(loss_func): raise TypeError(f'loss_func must be callable, like F.cross_entropy; got {loss_func!r}')
         if not (isinstance(lr, (int, float)) and lr > 0): raise ValueError(f'lr must be a positive number, got {lr!r}')
-        self.runtime = Runtime(device)
+        self.runtime = make_runtime(device)
         self.state = RunState()
         self.model = self.runtime.prepare_model(model, compile=compile)
         self.train_dl, self.valid_dl, self.loss_func, self.opt_func, self.lr = train_dl, valid_dl, loss_func, opt_func, lr
@@ -112,7 +112,9 @@ class Learner:
         self.in_lr_find = False
         self.pred = self.loss = self.loss_grad = None
         self.train_plan: EpochPlan | None = None
-        self._stop, self._deferred, self._in_fit = None, [], False
+        self._stop, self._deferred, self._in_fit, self._cancel = None, [], False, None
+        self.grad_sync = True      # False: this training batch's backward does not all-reduce (GradientAccumulation)
+        self.valid_plan: EpochPlan | None = None
         self.add_cbs([self.recorder, ProgressCallback(), *cbs])
 
     # the run's counters live in `state`, where and how the math runs in `runtime`; these read and write them
@@ -266,6 +268,12 @@ class Learner:
         ratios = [g['lr'] / groups[0]['lr'] if groups[0]['lr'] else 1. for g in groups]
         for g, r in zip(groups, ratios): g['lr'] = lr * r
 
+    def _batches_per_epoch(self) -> int | None:
+        "Training batches per epoch in this process (its share with several processes), or None without a length."
+        if self.runtime.distributed and is_replayable(self.train_dl):
+            return EpochPlan(self.train_dl, 'train_dl', self.runtime).length()
+        return _length(self.train_dl)
+
     def _check_trainable(self) -> None:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise FitError(f'every parameter of the model ({type(self.model).__name__}) is frozen (requires_grad=False), '
@@ -274,7 +282,7 @@ class Learner:
 
     def _fit(self, n_epochs: int, resume, method: str) -> None:
         self._check_trainable()
-        self.train_plan = EpochPlan(self.train_dl, 'train_dl')
+        self.train_plan = EpochPlan(self.train_dl, 'train_dl', self.runtime)
         n = self.train_plan.length()
         if n == 0: raise EmptyDataError(self._empty_message('train_dl'))
         if self.valid_dl is not None and _length(self.valid_dl) == 0:
@@ -283,7 +291,7 @@ class Learner:
         self._dispatch = build_dispatch(self.cbs, self.runtime.is_main)   # the process group may be new
         resume = checkpoint.resume_state(self, resume) if resume is not None else None
         position = self._resume_model(resume) if resume is not None else {'epoch': 0, 'iter': 0, 'phase': 'train'}
-        self._epochs_done, self._in_fit, self._deferred = 0, True, []
+        self._epochs_done, self._in_fit, self._deferred, self._cancel = 0, True, [], None
         try:
             with self._stop_signals():
                 try:
@@ -301,7 +309,7 @@ class Learner:
                     raise
                 if self.interrupted is None and self._stop is not None: self.interrupted = self._stop
                 self._after_fit(cleanup=self.interrupted is not None)
-        finally: self._in_fit, self._deferred = False, []
+        finally: self._in_fit, self._deferred, self.grad_sync, self._cancel = False, [], True, None
         self._raise_interrupt()
 
     def _resume_model(self, resume: dict) -> dict:
@@ -369,10 +377,10 @@ class Learner:
     def _do_train(self, resume: dict | None) -> None:
         self.training, self.dl, self._dl_name = True, self.train_dl, 'train_dl'
         self.model.train()
-        if resume is not None: self.train_plan.load_state_dict(resume['data'])
+        start = resume['training']['position']['iter'] if resume is not None else 0
+        if resume is not None: start = self.train_plan.load_state_dict(resume['data'], start)
         else: self.train_plan.plan_epoch()
         self.n_iter = self.train_plan.length()
-        start = resume['training']['position']['iter'] if resume is not None else 0
         self._with_events('train', lambda: self._train_batches(start, resume), CancelTrainException)
 
     def _train_batches(self, start: int, resume: dict | None) -> None:
@@ -382,6 +390,7 @@ class Learner:
         for self.iter, batch in enumerate(batches, start):
             self._do_batch(batch)
             seen += 1
+        if self.runtime.distributed: self._vote_at_end()
         if seen == 0 and start == 0:
             again = (f' It yielded batches in an earlier epoch, so it is not re-iterable: pass a DataLoader, a list, '
                      f'or an object whose __iter__ starts over each time.' if self._epochs_done else '')
@@ -390,15 +399,27 @@ class Learner:
     def _do_validate(self, dl: Iterable) -> None:
         self.training, self.dl, self._dl_name = False, dl, 'valid_dl' if dl is self.valid_dl else 'the dataloader'
         self.model.eval()
-        self.n_iter = _length(dl)
+        self.valid_plan = self._share_of(dl) if self.runtime.distributed else None
+        self.n_iter = _length(dl) if self.valid_plan is None else self.valid_plan.length()
         self._with_events('validate', lambda: self._valid_batches(dl), CancelValidateException)
+
+    def _share_of(self, dl: Iterable) -> EpochPlan | None:
+        "With several processes: this process's share of `dl`'s samples, unpadded (None for other iterables)."
+        if not is_replayable(dl): return None
+        plan = EpochPlan(dl, self._dl_name, self.runtime, pad=False)
+        plan.plan_epoch()
+        return plan
 
     def _valid_batches(self, dl: Iterable) -> None:
         seen = 0
+        batches = dl if self.valid_plan is None else self.valid_plan.iterate(0)
         with torch.no_grad():
-            for self.iter, batch in enumerate(dl):
+            for self.iter, batch in enumerate(batches):
                 self._do_batch(batch)
                 seen += 1
+        if self.runtime.distributed:
+            self._vote_at_end()
+            if self.valid_plan is not None and self.valid_plan.order: return   # more processes than batches: fine
         if seen == 0:
             again = (' It yielded batches before, so it is not re-iterable: pass a DataLoader, a list, or an object '
                      'whose __iter__ starts over each time.' if self._dl_name == 'valid_dl' and self._epochs_done else '')
@@ -409,9 +430,31 @@ class Learner:
         self.xb, self.yb = self.runtime.to_device(xb), self.runtime.to_device(yb)
         self._loss_done = False
         self._with_events('batch', self._batch_body, CancelBatchException, self._forget_batch, self._count_batch)
-        if self._stop is not None: raise _Stop(self._stop)
+        if self.runtime.distributed:                  # every process stops at the same batch boundary
+            self._stop_if(self.runtime.vote_stop(self._stop or self._cancel, self.training))
+        elif self._stop is not None: raise _Stop(self._stop)
+
+    def _vote_at_end(self) -> None:
+        "The stop vote at the end of a phase (several processes): all stop here if any of them was signalled."
+        self._stop_if(self.runtime.final_vote(self._stop or self._cancel))
+
+    def _stop_if(self, stop: str | None) -> None:
+        if stop == 'cancel': raise CancelFitException()
+        if stop is not None: raise _Stop(stop)
+
+    def cancel_fit_everywhere(self) -> None:
+        """End the fit as `CancelFitException` does, in every process: with several processes, all of them at the
+        same batch boundary (within a training batch or two, at the end of validation). A callback that decides from
+        values that differ between processes (one process's loss) must use this instead of raising: a process that
+        leaves the fit alone would leave the others waiting for it."""
+        if not self.runtime.distributed: raise CancelFitException()
+        self._cancel = 'cancel'
 
     def _batch_body(self) -> None:
+        if self.grad_sync or not self.training: return self._forward_backward_step()
+        with self.runtime.no_sync(self.model, True): self._forward_backward_step()
+
+    def _forward_backward_step(self) -> None:
         with self.runtime.autocast():
             self.pred = self._forward()
             self._fire('after_pred')
@@ -488,7 +531,7 @@ class Learner:
                       cbs: Sequence = (), resume: str | Path | None = None) -> None:
         "Train with the one-cycle policy: cosine warm-up to `lr_max`, cosine annealing; momentum the opposite way."
         self._check_fit_args(n_epochs, resume)
-        n = _length(self.train_dl)
+        n = self._batches_per_epoch()
         if n is None: raise TypeError('fit_one_cycle needs len(train_dl) to lay out the cycle; this train_dl has no len()')
         lr_sched, mom_sched = one_cycle_schedules(max(n * n_epochs, 1), lr_max, div, div_final, pct_start, moms)
         scheds = [LRScheduler(lr_sched, 'lr')]
@@ -499,7 +542,7 @@ class Learner:
         "Sweep the learning rate exponentially over `num_it` training batches; afterwards the learner is exactly as before."
         self._check_fit_args(0, None)
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
-        n = _length(self.train_dl)
+        n = self._batches_per_epoch()
         n_epochs = math.ceil(num_it / n) if n else num_it
         saved = self.snapshot()
         self.in_lr_find = True
@@ -553,8 +596,27 @@ class Learner:
         with self.added_cbs([_GatherPreds()]) as (gather,):
             try: self._do_validate(dl)
             finally: self.model.train(was_training)
+        if self.valid_plan is not None: return self._gathered(gather.preds, gather.targs)
         if not gather.preds: return torch.empty(0), torch.empty(0)
         return _cat_or_list(gather.preds, 'predictions'), _cat_or_list(gather.targs, 'targets')
+
+    def _gathered(self, preds: list, targs: list) -> tuple:
+        "Every process's predictions and targets (several processes), in the order one process gives them."
+        parts = self.runtime.gather([(p.cpu(), t.cpu()) for p, t in zip(preds, targs)])
+        ws, out = len(parts), []
+        for i, what in ((0, 'predictions'), (1, 'targets')):
+            per = [[b[i] for b in part] for part in parts]
+            flat = [torch.cat(b) for b in per if b]
+            if (self.valid_plan._by_sample and self.valid_plan.dl.batch_sampler is not None
+                    and len({(t.shape[1:], t.dtype) for t in flat}) == 1):
+                # sample k of process r is sample r + k * ws of the epoch's order
+                whole = flat[0].new_empty((sum(len(t) for t in flat), *flat[0].shape[1:]))
+                for r, t in enumerate(flat): whole[r::ws] = t
+                out.append(whole)
+                continue
+            order = [per[r][k] for k in range(max(map(len, per))) for r in range(ws) if k < len(per[r])]
+            out.append(_cat_or_list(order, what) if order else torch.empty(0))
+        return out[0], out[1]
 
     def predict(self, x: Any) -> Any:
         "The model's output on `x` as given (a batch; use `x[None]` for one example; a tuple feeds several inputs), in eval mode, without gradients."

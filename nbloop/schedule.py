@@ -222,12 +222,16 @@ class LRFinder(Callback):
         self._pending.append(learn.loss.detach())
         n = len(self.lrs)
         if n >= self.num_it or n % self.check_every == 0:
-            self._check()
+            self._check(learn)
             if self.stopped_at is not None or n >= self.num_it: raise CancelFitException()
 
-    def _check(self):
+    def _check(self, learn):
         if self._pending:
-            self.raw.extend(torch.stack([p.float() for p in self._pending]).tolist())  # sync point
+            losses = torch.stack([p.float() for p in self._pending])
+            runtime = getattr(learn, 'runtime', None)
+            if getattr(runtime, 'distributed', False):   # every process decides on the same (averaged) curve
+                losses = runtime.reduce_sum(losses) / runtime.world_size
+            self.raw.extend(losses.tolist())  # sync point
             self._pending = []
         if not self.stop_div: return
         best = math.inf
@@ -240,7 +244,7 @@ class LRFinder(Callback):
     def before_validate(self, learn): raise CancelValidateException()
 
     def after_fit(self, learn):
-        self._check()
+        self._check(learn)
         n = self.stopped_at if self.stopped_at is not None else len(self.raw)
         self.lrs, self.raw = self.lrs[:n], self.raw[:n]
 

@@ -59,23 +59,34 @@ class MixedPrecision(Callback):
 
 # %% ../nbs/07_training.ipynb #1c1caae4
 class GradientAccumulation(Callback):
-    "Accumulate gradients over `n_batches` training batches before each optimizer step."
+    "Accumulate gradients over `n_batches` training batches before each step; an epoch's last, partial group steps too."
     order = 15
     runs_in_lr_find = True
 
     def __init__(self, n_batches: int):
         if not isinstance(n_batches, int) or n_batches < 1:
             raise ValueError(f'n_batches must be a whole number >= 1, got {n_batches!r}')
-        self.n_batches, self.count = n_batches, 0
+        self.n_batches, self.count = n_batches, 0     # count: batches accumulated since the last step
+        self._size, self._steps = n_batches, True
 
     def before_fit(self, learn: Learner): self.count = 0
 
+    def before_batch(self, learn: Learner):
+        if not learn.training: return
+        n, total = self.n_batches, learn.n_iter
+        if total is None:                 # no length: groups run across epochs, by count
+            self._size, self._steps = n, (self.count + 1) % n == 0
+        else:
+            first = learn.iter - learn.iter % n
+            self._size, self._steps = min(n, total - first), (learn.iter + 1) % n == 0 or learn.iter + 1 == total
+        learn.grad_sync = self._steps      # several processes: all-reduce only with the step
+
     def after_loss(self, learn: Learner):
-        if learn.training: learn.loss_grad = learn.loss_grad / self.n_batches
+        if learn.training: learn.loss_grad = learn.loss_grad / self._size
 
     def after_backward(self, learn: Learner):
-        self.count += 1
-        if self.count % self.n_batches: raise CancelBatchException()
+        self.count = 0 if self._steps else self.count + 1
+        if not self._steps: raise CancelBatchException()
 
     def state_dict(self) -> dict: return {'count': self.count}
     def check_state_dict(self, state: dict) -> None: check_state(state, 'GradientAccumulation', count=int)
@@ -180,7 +191,7 @@ class TerminateOnNaN(Callback):
         self.stopped_at = None
 
     def before_fit(self, learn: Learner):
-        self._bad, self._copy, self._host, self.stopped_at = None, None, None, None
+        self._bad, self._copy, self._host, self.stopped_at, self._learn = None, None, None, None, learn
 
     def after_batch(self, learn: Learner):
         if not learn.training or learn.loss is None: return
@@ -219,7 +230,10 @@ class TerminateOnNaN(Callback):
             if bad: self._stop(learn.train_iter)
 
     def _stop(self, step: int):
+        if self.stopped_at is not None: return      # several processes: already voting to stop
         self.stopped_at = step
         warnings.warn(f'TerminateOnNaN: the training loss became NaN or infinite by training step {step}; '
                       f'stopping the fit')
-        raise CancelFitException()
+        cancel = getattr(self._learn, 'cancel_fit_everywhere', None)
+        if cancel is None: raise CancelFitException()
+        cancel()         # one process's loss: with several, all stop together at the next batch boundary
