@@ -329,6 +329,12 @@ class Learner:
         if resume is not None: self.restore_rng(resume['rng'])
 
     def _raise_interrupt(self) -> None:
+        if self.interrupted is not None and self.runtime.distributed:
+            # no process leaves before rank 0 has written the interrupt checkpoint: torchrun stops the others (with
+            # SIGTERM) as soon as one has exited. Exiting on SIGTERM, each ignores that one and ends with 143 itself
+            self.runtime.barrier()
+            if self.interrupted == 'SIGTERM' and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self.interrupted == 'SIGINT':
             raise KeyboardInterrupt(f'{self.fit_method} stopped by Ctrl-C (SIGINT) at epoch {self.epoch}, '
                                     f'training step {self.train_iter}')

@@ -98,7 +98,7 @@ class Runtime:
         "The stop vote at the end of a phase (all of its pending votes included): here, this process's own."
         return local
 
-# %% ../nbs/08a_runtime.ipynb #c2f5592b
+# %% ../nbs/08a_runtime.ipynb #c70b1714
 _STOPS = (None, 'cancel', 'SIGINT', 'SIGTERM')   # the stop vote's codes; the larger code wins
 _side: dict = {}                          # the CPU (gloo) group of the current process group
 
@@ -152,7 +152,7 @@ def _ddp_of(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel
         if isinstance(m, torch.nn.parallel.DistributedDataParallel): return m
     return None
 
-# %% ../nbs/08a_runtime.ipynb #8f051871
+# %% ../nbs/08a_runtime.ipynb #b63b00dd
 class DistributedRuntime(Runtime):
     """One of several processes (torchrun, `launch`): the model in DistributedDataParallel on `cuda:LOCAL_RANK`
     (or the CPU), sums and gathers across processes, and a stop vote that never syncs the device."""
@@ -167,7 +167,7 @@ class DistributedRuntime(Runtime):
         super().__init__(device)
         if self.device.type == 'cuda': torch.cuda.set_device(self.device)
         self.group = side_group()
-        self._vote = None
+        self._vote, self._since, self._period, self._clock = None, 0, 1, time.perf_counter()
 
     @property
     def rank(self) -> int: return dist.get_rank()
@@ -207,27 +207,40 @@ class DistributedRuntime(Runtime):
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    vote_interval = 0.025    # seconds of training between two stop votes (their period adapts to the batch time)
+    max_period = 1000        # batches
+
     def vote_stop(self, local: str | None, training: bool) -> str | None:
-        """After each training batch every process sends its pending signal (asynchronously, on the CPU group) and
-        reads the vote of the batch before, which has long arrived: all stop at the same batch boundary, one batch
-        after the signal, with no device sync. Validation has no per-batch vote (ranks may have different numbers
-        of validation batches); it votes once at its end (`final_vote`)."""
+        """Every `period` training batches each process sends its pending signal (an asynchronous all-reduce on the
+        CPU group) and reads the previous vote, which has long arrived: all stop at the same batch boundary, within
+        two periods of the signal, without a device sync. Each vote also carries every process's proposal for the
+        next period (about `vote_interval` seconds of batches; the largest wins), so the vote costs little however
+        short the batches are, and all processes switch periods at the same batch. Validation has no per-batch vote
+        (processes may have different numbers of validation batches); it votes once at its end (`final_vote`)."""
         if not training: return None
-        flag = torch.tensor([_STOPS.index(local)], dtype=torch.int32)
+        self._since += 1
+        if self._since < self._period: return None
+        now = time.perf_counter()
+        per_batch = (now - self._clock) / self._since
+        self._since, self._clock = 0, now
+        proposal = max(1, min(self.max_period, int(self.vote_interval / max(per_batch, 1e-9))))
+        flag = torch.tensor([_STOPS.index(local), proposal], dtype=torch.int64)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         previous, self._vote = self._vote, (work, flag)
         if previous is None: return None
         previous[0].wait()
-        return _STOPS[int(previous[1])]
+        code, self._period = previous[1].tolist()
+        return _STOPS[code]
 
     def final_vote(self, local: str | None) -> str | None:
         "The pending vote collected, then one blocking vote: the stop every process agrees on at the end of a phase."
         if self._vote is not None:
             self._vote[0].wait()
             self._vote = None
-        flag = torch.tensor([_STOPS.index(local)], dtype=torch.int32)
+        self._since, self._period, self._clock = 0, 1, time.perf_counter()     # the next phase starts afresh
+        flag = torch.tensor([_STOPS.index(local), 1], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return _STOPS[int(flag)]
+        return _STOPS[int(flag[0])]
 
 def make_runtime(device: str | torch.device | None = None) -> Runtime:
     "The runtime for this process: a `DistributedRuntime` under torchrun or `launch` (or in a process group), else a `Runtime`."
@@ -235,7 +248,7 @@ def make_runtime(device: str | torch.device | None = None) -> Runtime:
         return DistributedRuntime(device)
     return Runtime(device)
 
-# %% ../nbs/08a_runtime.ipynb #e40bf0d3
+# %% ../nbs/08a_runtime.ipynb #9a3a71b8
 class LaunchError(RuntimeError):
     "A process started by `launch` failed; the message holds its traceback."
 

@@ -112,6 +112,7 @@ def main(argv=None) -> dict | None:
     ap.add_argument('--die', default=None)
     ap.add_argument('--nan-at', default=None, help='RANK:STEP, with TerminateOnNaN')
     ap.add_argument('--lr-find', action='store_true')
+    ap.add_argument('--vote-every-batch', action='store_true', help='the stop vote after every batch, not adaptive')
     ap.add_argument('--one-cycle', type=float, default=None, help='fit_one_cycle with this lr_max instead of fit')
     ap.add_argument('--resume', default=None)
     ap.add_argument('--out', type=Path, default=None)
@@ -119,6 +120,9 @@ def main(argv=None) -> dict | None:
     ap.add_argument('--audit', type=Path, default=None)
     args = ap.parse_args(argv)
     if args.audit: audit(args.root, args.audit)
+    if args.vote_every_batch:
+        from nbloop.runtime import DistributedRuntime
+        DistributedRuntime.vote_interval = 0.
     rank = int(os.environ.get('RANK', 0))
     torch.manual_seed(0)                            # the same model everywhere
     noise = not args.plain
