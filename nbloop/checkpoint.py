@@ -664,6 +664,7 @@ def check_training_state(state: Any, path: Path | str, learn: Learner | None = N
     for k in ('train_iter', 'n_epochs'): _expect(_is_index(tr.get(k)), path, f'training.{k}', 'a whole number >= 0', tr.get(k))
     _expect(tr.get('total_steps') is None or _is_index(tr['total_steps']), path, 'training.total_steps',
             'None or a whole number >= 0', tr.get('total_steps'))
+    _expect(isinstance(tr.get('row', {}), dict), path, 'training.row', "the epoch's row so far (a dict)", tr.get('row'))
     _check_rng(state.get('rng'), path)
     _check_ranks(state, path)
     _check_data(state.get('data'), pos, path)

@@ -211,7 +211,7 @@ class MonitorCallback(Callback):
 
 # %% ../nbs/00_core.ipynb #438ebb4a
 class RunState:
-    "The counters of a fit and its position: what `fit` advances and what a checkpoint needs to continue it."
+    "The counters of a fit, its position and the current epoch's row: what `fit` advances and a checkpoint needs to continue it."
     names = ('epoch', 'n_epochs', 'iter', 'n_iter', 'train_iter', 'total_steps', 'training', 'pct_train',
              'fit_method', 'interrupted', 'resumed_from')
 
@@ -222,6 +222,7 @@ class RunState:
         self.epoch = self.iter = self.train_iter = 0
         self.n_epochs, self.total_steps, self.fit_method = n_epochs, total_steps, fit_method
         self.n_iter, self.training, self.pct_train, self.interrupted, self.resumed_from = None, False, 0., None, None
+        self.row: dict = {}       # the current epoch's row of the history, as the Recorder builds it
 
     def advance(self) -> None:
         "Count one more training batch done."
@@ -243,17 +244,18 @@ class RunState:
     def state_dict(self, position: dict) -> dict:
         "What a checkpoint stores to continue this fit at `position`."
         return {'position': dict(position), 'train_iter': self.train_iter, 'n_epochs': self.n_epochs,
-                'total_steps': self.total_steps}
+                'total_steps': self.total_steps, 'row': dict(self.row)}
 
     def load_state_dict(self, state: dict) -> dict:
         "Continue from a checkpoint's `state_dict`; returns its position."
         self.train_iter = state['train_iter']
+        self.row = dict(state.get('row') or {})
         self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
         return dict(state['position'])
 
     def snapshot(self) -> dict:
         "All counters, to put back with `restore` (for `lr_find`)."
-        return {k: getattr(self, k) for k in self.names}
+        return {**{k: getattr(self, k) for k in self.names}, 'row': dict(self.row)}
 
     def restore(self, saved: dict) -> None:
         for k, v in saved.items(): setattr(self, k, v)

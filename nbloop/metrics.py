@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Callback, DebiasedEMA, camel_to_snake, check_state, describe, new_figure
+from .core import Callback, DebiasedEMA, RunState, camel_to_snake, check_state, describe, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -264,6 +264,8 @@ class Recorder(Callback):
         self.metrics = metrics
         self.history: list[dict] = []
         self.values: dict | None = None
+        self._own_state = RunState()    # for a stand-in learner without `state`
+        self._loaded_row: dict = {}     # the row of a checkpoint written before RunState kept it
         self._reset_fit()
 
     @property
@@ -294,7 +296,6 @@ class Recorder(Callback):
         self._smoothed: list[float] = []
         self._valid: list[torch.Tensor] = []
         self._valid_sizes: list[int] = []
-        self._row: dict = {}
         self._epoch_ends: list[int] = []     # len(losses) at the end of each epoch, to place valid points
 
     def before_fit(self, learn):
@@ -386,7 +387,7 @@ class Recorder(Callback):
 
     def after_train(self, learn):
         loss = self._mean_over_processes(learn, self._train_sums()) if _several(learn) else self.train_loss()
-        self._row = {'epoch': learn.epoch, 'train_loss': loss}
+        self._state(learn).row = {'epoch': learn.epoch, 'train_loss': loss}
         self._epoch_start, self._sizes = len(self._losses), []
 
     def before_validate(self, learn):
@@ -409,14 +410,19 @@ class Recorder(Callback):
         self.values = values
         self._valid, self._valid_sizes = [], []
 
+    def _state(self, learn) -> RunState:
+        "Where the current epoch's row is kept: the learner's `RunState` (`learn.state`)."
+        return getattr(learn, 'state', None) or self._own_state
+
     def end_epoch(self, learn) -> dict:
         "Finish the epoch's row and append it to `history`; the learner calls this right before `after_epoch`."
-        row = dict(self._row)
+        state = self._state(learn)
+        row = dict(state.row or self._loaded_row)
         if learn.valid_dl is not None and self.values is not None: row.update(self.values)
         row['time'] = time.perf_counter() - getattr(self, '_epoch_t0', time.perf_counter())
         self.history.append(row)
         self._epoch_ends.append(len(self._losses) + len(self._pending))
-        self.values, self._row = None, {}
+        self.values, state.row, self._loaded_row = None, {}, {}
         return row
 
     # -- checkpoint state -------------------------------------------------------------------------------
@@ -427,14 +433,15 @@ class Recorder(Callback):
                 'smoothed': torch.tensor(self._smoothed, dtype=torch.float64),
                 'lrs': torch.tensor(self.lrs, dtype=torch.float64), 'sizes': list(self._sizes),
                 'epoch_start': self._epoch_start, 'epoch_ends': list(self._epoch_ends),
-                'smooth': self._ema.avg, 'n_smooth': self._ema.n, 'row': dict(self._row)}
+                'smooth': self._ema.avg, 'n_smooth': self._ema.n}
 
     def check_state_dict(self, state: dict) -> None:
         "Raise ValueError unless `load_state_dict` can load `state` (checked before a resume changes anything)."
         rows = lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v)
         ints = lambda v: isinstance(v, list) and all(isinstance(i, int) for i in v)
         check_state(state, 'Recorder', history=rows, losses=torch.Tensor, smoothed=torch.Tensor, lrs=torch.Tensor,
-                    sizes=ints, epoch_start=int, epoch_ends=ints, smooth=(int, float), n_smooth=int, row=dict)
+                    sizes=ints, epoch_start=int, epoch_ends=ints, smooth=(int, float), n_smooth=int)
+        if not isinstance(state.get('row', {}), dict): raise ValueError(f"the state of Recorder has a 'row' that is a {describe(state['row'])}")
 
     def load_state_dict(self, state: dict) -> None:
         "Restore what `state_dict` returned."
@@ -445,7 +452,7 @@ class Recorder(Callback):
         self._sizes, self._epoch_start = list(state['sizes']), state['epoch_start']
         self._epoch_ends = list(state['epoch_ends'])
         self._ema = DebiasedEMA(self.smooth_beta, state['smooth'], state['n_smooth'])
-        self._row = dict(state['row'])
+        self._loaded_row = dict(state.get('row') or {})     # older checkpoints kept the epoch's row here
 
     # -- plots ------------------------------------------------------------------------------------------
     def valid_points(self) -> list[tuple[int, float]]:
