@@ -98,7 +98,7 @@ class Runtime:
         "The stop vote at the end of a phase (all of its pending votes included): here, this process's own."
         return local
 
-# %% ../nbs/08a_runtime.ipynb #c70b1714
+# %% ../nbs/08a_runtime.ipynb #8e38b7fa
 _STOPS = (None, 'cancel', 'SIGINT', 'SIGTERM')   # the stop vote's codes; the larger code wins
 _side: dict = {}                          # the CPU (gloo) group of the current process group
 
@@ -152,7 +152,7 @@ def _ddp_of(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel
         if isinstance(m, torch.nn.parallel.DistributedDataParallel): return m
     return None
 
-# %% ../nbs/08a_runtime.ipynb #b63b00dd
+# %% ../nbs/08a_runtime.ipynb #ad7e2fa7
 class DistributedRuntime(Runtime):
     """One of several processes (torchrun, `launch`): the model in DistributedDataParallel on `cuda:LOCAL_RANK`
     (or the CPU), sums and gathers across processes, and a stop vote that never syncs the device."""
@@ -248,7 +248,7 @@ def make_runtime(device: str | torch.device | None = None) -> Runtime:
         return DistributedRuntime(device)
     return Runtime(device)
 
-# %% ../nbs/08a_runtime.ipynb #9a3a71b8
+# %% ../nbs/08a_runtime.ipynb #6c50ee62
 class LaunchError(RuntimeError):
     "A process started by `launch` failed; the message holds its traceback."
 
