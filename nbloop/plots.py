@@ -138,7 +138,7 @@ class LivePlotCallback(Callback):
         mode = self.mode
         if mode == 'auto': mode = 'widget' if _in_kernel() else ('offscreen' if self.path else 'none')
         self._mode = mode
-        self.n_draws, self.draw_time, self._last, self._cost = 0, 0., time.perf_counter(), 0.
+        self.n_draws, self.draw_time, self._last, self._cost, self._last_cost = 0, 0., time.perf_counter(), 0., 0.
         self.widget = self._handle = self._canvas = None
         self._ylim_loss = self._ylim_metrics = None
         if self._mode == 'none': return
@@ -158,7 +158,9 @@ class LivePlotCallback(Callback):
         self._mode = 'none'
 
     def _interval(self) -> float:
-        if self.n_draws: cost = self._cost
+        # the typical update, but never less than the last draw really took (a full redraw of axes and text
+        # costs several updates): each draw is paid for by cost / budget of training before the next
+        if self.n_draws: cost = max(self._cost, self._last_cost)
         else:   # before this fit's first draw: what it is expected to cost, a full draw unless one is cached
             cached = self._canvas is not None and self._canvas.backgrounds
             cost = type(self).update_cost if cached else type(self).full_draw_cost
@@ -184,6 +186,7 @@ class LivePlotCallback(Callback):
         update = cost - full
         self.n_draws += 1
         self.draw_time += cost
+        self._last_cost = cost
         self._cost = update if self.n_draws == 1 else 0.7 * self._cost + 0.3 * update
         type(self).update_cost = self._cost
         self._last = time.perf_counter()
