@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
-from .core import Callback, MonitorCallback, new_figure
+from .core import Callback, MonitorCallback, new_figure, unwrap_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -37,10 +37,10 @@ if TYPE_CHECKING:
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'MAX_DEPTH', 'CheckpointError', 'CorruptCheckpointError', 'UnsafeCheckpointError',
            'CheckpointVersionError', 'CheckpointWriteError', 'json_depth', 'temporary_path', 'fsync_dir',
            'write_checkpoint', 'checkpoint_info', 'read_checkpoint', 'flatten_state', 'unflatten_state', 'save_state',
-           'load_state', 'CheckpointMismatchError', 'unwrap_model', 'checkpoint_path', 'load_model_state',
-           'optimizer_class', 'check_optimizer_fits', 'save_learner', 'load_learner', 'callback_states',
-           'training_state', 'check_training_state', 'apply_model_state', 'apply_callback_states', 'new_run_id',
-           'checkpoint_name', 'CheckpointFile', 'scan_checkpoints', 'list_checkpoints', 'check_resume', 'resume_state',
+           'load_state', 'CheckpointMismatchError', 'checkpoint_path', 'load_model_state', 'optimizer_class',
+           'check_optimizer_fits', 'save_learner', 'load_learner', 'callback_states', 'training_state',
+           'check_training_state', 'apply_model_state', 'apply_callback_states', 'new_run_id', 'checkpoint_name',
+           'CheckpointFile', 'scan_checkpoints', 'list_checkpoints', 'check_resume', 'resume_state',
            'remove_stale_temporaries', 'CheckpointCallback', 'Table', 'compare_checkpoints']
 
 # %% ../nbs/06_checkpoint.ipynb #3c4bfb5a
@@ -407,15 +407,6 @@ def load_state(path: str | Path) -> dict:
 # %% ../nbs/06_checkpoint.ipynb #210bb454
 class CheckpointMismatchError(CheckpointError):
     "A checkpoint's tensors do not match the model (or its optimizer or callbacks don't match the fit)."
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside its wrappers: DistributedDataParallel / DataParallel (`.module`) and `torch.compile`
-    (`._orig_mod`), in any nesting, so that checkpoints hold the plain keys and load into any learner."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-    while True:
-        if isinstance(model, (DataParallel, DistributedDataParallel)): model = model.module
-        elif isinstance(getattr(model, '_orig_mod', None), torch.nn.Module): model = model._orig_mod
-        else: return model
 
 def _expect(ok: bool, path: Path | str, where: str, expected: str, found: Any) -> None:
     "Raise a `CorruptCheckpointError` naming `path` unless `ok`: `where` should be `expected` but holds `found`."

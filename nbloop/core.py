@@ -23,7 +23,7 @@ __all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'FOREIGN_HOOKS', 'Event', '
            'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback', 'handlers_of', 'build_dispatch',
            'MonitorCallback', 'RunState', 'default_device', 'to_device', 'BatchError', 'describe', 'split_batch',
            'check_state', 'get_rng_state', 'set_rng_state', 'DebiasedEMA', 'new_figure', 'get_rank', 'get_world_size',
-           'is_main_process']
+           'is_main_process', 'unwrap_model']
 
 # %% ../nbs/00_core.ipynb #8cbfe84a
 class Event(str, Enum):
@@ -364,3 +364,12 @@ def get_world_size() -> int:
 def is_main_process() -> bool:
     "Whether this process is rank 0, the one that displays and writes."
     return get_rank() == 0
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside its wrappers: DistributedDataParallel / DataParallel (`.module`) and `torch.compile`
+    (`._orig_mod`), in any nesting, so that checkpoints hold the plain keys and load into any learner."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    while True:
+        if isinstance(model, (DataParallel, DistributedDataParallel)): model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), torch.nn.Module): model = model._orig_mod
+        else: return model

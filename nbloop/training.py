@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .core import (CancelBatchException, CancelFitException, Callback, MonitorCallback, check_state,
-                         is_main_process)
+                         is_main_process, unwrap_model)
 
 if TYPE_CHECKING:
     from nbloop.learner import Learner
@@ -148,7 +148,8 @@ class EarlyStopping(MonitorCallback):
             self.remember(value, learn.epoch)
             self.wait = 0
             if self.restore_best:  # sync point: once per improving epoch
-                self.best_weights = {k: v.detach().to('cpu', copy=True) for k, v in learn.model.state_dict().items()}
+                # plain keys (no DDP `module.` or compile prefix), so that any learner can resume them
+                self.best_weights = {k: v.detach().to('cpu', copy=True) for k, v in unwrap_model(learn.model).state_dict().items()}
         else: self.wait += 1
         self._finished = learn.epoch + 1 >= learn.n_epochs
         if self.wait >= self.patience:
@@ -159,7 +160,7 @@ class EarlyStopping(MonitorCallback):
     def after_fit(self, learn: Learner):
         if not (self.restore_best and self._finished and self.best_weights is not None) or learn.interrupted: return
         if self.best_epoch == learn.epoch: return          # the last epoch was the best: nothing to restore
-        learn.model.load_state_dict({k: v.to(learn.device) for k, v in self.best_weights.items()})
+        unwrap_model(learn.model).load_state_dict({k: v.to(learn.device) for k, v in self.best_weights.items()})
         self._say(f'EarlyStopping: restored the weights of epoch {self.best_epoch} ({self.monitor} {self.best:.6g})')
 
     def _say(self, message: str) -> None:
