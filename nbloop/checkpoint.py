@@ -510,12 +510,12 @@ def check_optimizer_fits(opt: torch.optim.Optimizer, state: dict, saved_class: s
                                           f"{', '.join(sorted(own_keys))}; {fix}")
 
 def save_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True) -> Path:
-    "Save `learn`'s model (and optimizer) state to one file; returns its path."
+    """Save `learn`'s model (and optimizer) state to one file; returns its path. With several processes only rank 0
+    writes (no process waits for another, so calling it from rank 0 alone is fine too)."""
     path = checkpoint_path(learn, name_or_path)
     state = {'kind': 'weights', 'model': unwrap_model(learn.model).state_dict()}
     if with_opt: state.update(opt=learn.opt.state_dict(), opt_class=optimizer_class(learn.opt))
-    if learn.runtime.is_main: save_state(path, state)       # several processes: rank 0 writes, the others wait
-    learn.runtime.barrier()
+    if learn.runtime.is_main: save_state(path, state)       # several processes: rank 0 writes, the others don't
     return path
 
 def load_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True, strict: bool = True) -> None:
