@@ -41,6 +41,10 @@ def _as_float(value: Any, name: str, what: str) -> float:
     except (TypeError, ValueError):
         raise MetricError(f"metric '{name}' {what} {describe(value)}; a metric must give one number") from None
 
+def _summed(gather: Callable[[Any], list], *values) -> tuple:
+    "Each of `values` summed over every process (`gather(obj)` returns every process's `obj`, in rank order)."
+    return tuple(map(sum, zip(*gather(values))))
+
 class Metric:
     "Base class: `reset()`, then `accumulate(learn)` per batch, then `compute()` for the epoch's value."
     name: str = 'metric'
@@ -85,8 +89,7 @@ class AvgMetric(Metric):
         # sync point: once per epoch
         return float(self.total / self.count) if self.count else math.nan
     def sync(self, gather):
-        parts = gather((float(self.total), int(self.count)))
-        self.total, self.count = sum(t for t, _ in parts), sum(c for _, c in parts)
+        self.total, self.count = _summed(gather, float(self.total), int(self.count))
 
 class ObjectMetric(Metric):
     "Use an object with `reset/update/compute` (e.g. a torchmetrics metric) as it is."
@@ -121,9 +124,8 @@ class CountMetric(Metric):
         hits, total = counts
         return hits / total if total else math.nan    # Python ints: one correctly rounded float64 division
     def sync(self, gather):
-        mine = None if self.hits is None else (int(self.hits), int(self.total))
-        parts = [p for p in gather(mine) if p is not None]
-        self.hits, self.total = (sum(h for h, _ in parts), sum(t for _, t in parts)) if parts else (None, None)
+        if self.hits is None: self.hits = self.total = 0         # no batches here: 0 of 0 (nan if none anywhere)
+        self.hits, self.total = _summed(gather, int(self.hits), int(self.total))
 
 class EpochMetric(Metric):
     "Compute `fn(preds, targs)` once over the whole epoch's predictions and targets, gathered on the device."
@@ -244,8 +246,7 @@ class Perplexity(Metric):
         count = int(self.count)   # sync point: once per epoch
         return math.exp(float(self.total) / count) if count else math.nan
     def sync(self, gather):
-        parts = gather((float(self.total), int(self.count)))
-        self.total, self.count = sum(t for t, _ in parts), sum(c for _, c in parts)
+        self.total, self.count = _summed(gather, float(self.total), int(self.count))
 
 # %% ../nbs/01_metrics.ipynb #58e6fa2e
 def _several(learn) -> bool:
@@ -371,8 +372,7 @@ class Recorder(Callback):
     @staticmethod
     def _mean_over_processes(learn, sums: tuple[float, int]) -> float:
         "The mean over every process's samples, from each process's (sum, count)."
-        parts = learn.runtime.gather(sums)
-        total, n = sum(t for t, _ in parts), sum(c for _, c in parts)
+        total, n = _summed(learn.runtime.gather, *sums)
         return total / n if n else math.nan
 
     def running_values(self, training: bool) -> dict[str, float]:
