@@ -12,7 +12,7 @@ STAMP := $(VENV)/.nbloop-setup
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lab export readme docs browser check-sync clean
+.PHONY: setup demo test lab export readme docs tutorials browser check-sync clean
 
 setup: $(STAMP)
 
@@ -48,11 +48,16 @@ readme: setup
 	@if command -v quarto >/dev/null; then $(BIN)/nbdev_readme; \
 	else $(BIN)/python tools/readme.py; fi
 
+# The site, from executed notebooks (tools/docs.py): Quarto through nbdev_docs where it is installed, smalldocs otherwise.
 docs: setup
-	@if command -v quarto >/dev/null; then $(BIN)/nbdev_docs; else $(BIN)/smalldocs render nbs; fi
+	$(BIN)/python tools/docs.py
+
+# Run the tutorials and store their outputs in nbs/tutorials/ (commit them), then build the site.
+tutorials: setup
+	$(BIN)/python tools/docs.py --write-back
 
 clean:
-	rm -rf _docs _proc _site .pytest_cache tests/artifacts
+	rm -rf _docs _proc _build _site .pytest_cache tests/artifacts
 
 # On a machine with a CUDA GPU: the CUDA tests and the GPU benchmark in this environment (its PyTorch must see the
 # GPU; without one the tests skip and the benchmark runs tiny sizes on the CPU). Where nothing can be installed,

@@ -1,0 +1,230 @@
+"""The docs site, built as `make docs` builds it (tools/docs.py), and checked page by page.
+
+The build executes every notebook (the tutorials and the index in a Jupyter kernel, as a reader runs them; the
+library notebooks as `nbdev_test` runs them) and fails on any error, so building is itself the test that every
+page's code runs. It is built once for this module; the checks below read `_docs/`, `_proc/` and `_build/`.
+"""
+import html.parser
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import nbformat
+import pytest
+
+from conftest import ROOT, env_for_subprocess
+
+sys.path.insert(0, str(ROOT / 'tools'))
+import docs  # noqa: E402  (tools/docs.py)
+
+SITE, PROC, STAGE = ROOT / '_docs', ROOT / '_proc', ROOT / '_build' / 'nbs'
+NOTEBOOKS = [p.relative_to(ROOT / 'nbs') for p in docs.notebooks(ROOT / 'nbs')]
+TUTORIALS = [p for p in NOTEBOOKS if p.parts[0] == 'tutorials']
+LIBRARY = [p for p in NOTEBOOKS if len(p.parts) == 1 and p.name != 'index.ipynb']
+TUTORIAL_LIMIT = 120          # seconds: each tutorial runs top to bottom on CPU within this
+BUILD_TIMEOUT = 1500
+
+
+@pytest.fixture(scope='module')
+def build() -> dict:
+    "Build the site once; return tools/docs.py's timings."
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'docs.py')], cwd=ROOT, capture_output=True, text=True,
+                          timeout=BUILD_TIMEOUT, env=env_for_subprocess())
+    assert proc.returncode == 0, f'make docs failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}'
+    return json.loads((ROOT / '_build' / 'timings.json').read_text())
+
+
+class Page(html.parser.HTMLParser):
+    "The links, pictures, element ids, headings and text of one HTML page."
+    def __init__(self, path: Path):
+        super().__init__()
+        self.links, self.images, self.ids, self.text = [], [], set(), []
+        self.feed(path.read_text(encoding='utf-8'))
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if a.get('id'): self.ids.add(a['id'])
+        if tag == 'a' and a.get('href'): self.links.append(a['href'])
+        if tag in ('link', 'script') and (a.get('href') or a.get('src')): self.links.append(a.get('href') or a.get('src'))
+        if tag == 'img' and a.get('src'): self.images.append(a['src'])
+
+    def handle_data(self, data): self.text.append(data)
+
+    @property
+    def all_text(self) -> str: return ''.join(self.text)
+
+
+def page_of(nb: Path) -> Path: return SITE / nb.with_suffix('.html')
+
+
+def pages() -> list[Path]: return sorted(SITE.rglob('*.html'))
+
+
+def test_every_notebook_has_a_page(build):
+    missing = [str(nb) for nb in NOTEBOOKS if not page_of(nb).exists()]
+    assert not missing, f'notebooks without a page: {missing}'
+    assert len(TUTORIALS) == 7, f'seven tutorials expected, found {[str(t) for t in TUTORIALS]}'
+    search = json.loads((SITE / 'search.json').read_text())
+    assert {str(nb.with_suffix('.html')) for nb in NOTEBOOKS} <= {e['href'].split('#')[0] for e in search}
+
+
+def test_navigation_lists_every_tutorial_and_reference_page(build):
+    nav = Page(SITE / 'index.html').links
+    for nb in NOTEBOOKS:
+        assert str(nb.with_suffix('.html')) in nav, f'{nb} is not in the site navigation'
+
+
+def test_internal_links_and_images_resolve(build):
+    "Every relative link and picture points to a file of the site, and every #fragment to an id on its page."
+    parsed = {p: Page(p) for p in pages()}
+    broken = []
+    for page, doc in parsed.items():
+        for ref in doc.links + doc.images:
+            url = urlsplit(ref)
+            if url.scheme or ref.startswith(('//', 'data:', 'mailto:')): continue
+            target = (page.parent / unquote(url.path)).resolve() if url.path else page
+            if not target.exists(): broken.append(f'{page.relative_to(SITE)}: {ref}'); continue
+            if url.fragment and target.suffix == '.html':
+                ids = parsed[target].ids if target in parsed else Page(target).ids
+                if url.fragment not in ids: broken.append(f'{page.relative_to(SITE)}: {ref} (no such id)')
+        for ref in doc.links:       # nbdev's links to a name on the published site were made relative
+            assert not ref.startswith('https://nbloop.github.io/nbloop/'), f'{page}: {ref} was not made relative'
+    assert not broken, 'broken links or pictures:\n' + '\n'.join(broken)
+
+
+def test_each_tutorial_page_shows_a_picture(build):
+    for nb in TUTORIALS:
+        pics = [s for s in Page(page_of(nb)).images if s.startswith('data:image/')]
+        assert pics, f'{nb}: its page shows no plot'
+
+
+def test_tutorials_run_within_their_limit(build):
+    took = build['notebooks']
+    for nb in TUTORIALS:
+        assert str(nb) in took, f'{nb} was not executed'
+        assert took[str(nb)] < TUTORIAL_LIMIT, f'{nb} took {took[str(nb)]:.0f} s (limit {TUTORIAL_LIMIT} s)'
+    assert set(took) == {str(nb) for nb in NOTEBOOKS}, 'every notebook runs for the site'
+
+
+def own_names() -> list[str]:
+    import nbloop.all
+    return [n for n in nbloop.all.__all__ if getattr(getattr(nbloop.all, n), '__module__', 'nbloop').startswith('nbloop')
+            and n not in ('torch', 'nn', 'F')]
+
+
+def test_every_public_name_has_a_signature_on_a_reference_page(build):
+    "Each of nbloop's own names in `nbloop.all` is documented by show_doc, with its signature, on a library page."
+    import nbloop.all
+    text = '\n'.join(Page(page_of(nb)).all_text for nb in LIBRARY)
+    missing = []
+    for name in own_names():
+        obj = getattr(nbloop.all, name)
+        if callable(obj): found = re.search(rf'\b(def|class) {re.escape(name)}\(', text)
+        else: found = re.search(rf'\b{re.escape(name)}\b', text)     # a constant: named on a page
+        if not found: missing.append(name)
+    assert not missing, f'not on a reference page with a signature: {missing}'
+
+
+def test_reference_pages_have_examples_and_no_imports(build):
+    "After each show_doc comes a runnable example; no visible cell imports (an export cell's imports never show)."
+    problems = {}
+    for nb in LIBRARY:
+        found = docs.lint_reference(docs.page_cells(nbformat.read(PROC / nb, as_version=4)))
+        if found: problems[str(nb)] = found
+    assert not problems, json.dumps(problems, indent=1)
+
+
+def export_imports(nb: Path) -> list[str]:
+    "The import lines of a notebook's `#| export` cells."
+    out = []
+    for cell in nbformat.read(ROOT / 'nbs' / nb, as_version=4).cells:
+        if cell.cell_type == 'code' and re.search(r'^#\|\s*export\b', cell.source, re.M):
+            out += [l.strip() for l in cell.source.splitlines() if docs.IMPORT.match(l)]
+    return out
+
+
+def test_no_page_shows_an_export_cells_imports(build):
+    for nb in LIBRARY:
+        code = '\n'.join(m for m in re.findall(r'<code[^>]*>(.*?)</code>', page_of(nb).read_text(), re.S))
+        code = re.sub(r'<[^>]+>', '', code).replace('&quot;', '"').replace('&#39;', "'").replace('&amp;', '&')
+        shown = [line for line in export_imports(nb) if line in code]
+        assert not shown, f'{nb}: the page shows its export imports {shown}'
+    assert export_imports(Path('09_learner.ipynb')), 'the check reads the export cells'
+
+
+def test_api_pages_have_signatures_tables_and_pictures(build):
+    "show_doc output renders: a parameter table on the learner page; the library pages show at least one plot."
+    learner = page_of(Path('09_learner.ipynb')).read_text()
+    assert '<table' in learner and 'n_epochs' in learner
+    assert any(Page(page_of(nb)).images for nb in LIBRARY), 'no library page shows a picture'
+
+
+def test_callbacks_page_has_the_event_table_and_the_loop(build):
+    core = Page(page_of(Path('00_core.ipynb'))).all_text
+    for ours, s4tf in [('before_fit', 'fitStart'), ('after_epoch', 'epochEnd'), ('before_train', 'trainingStart'),
+                       ('before_validate', 'validationStart'), ('before_batch', 'batchStart'),
+                       ('after_pred', 'inferencePredictionEnd'), ('before_step', 'updateStart')]:
+        assert re.search(rf'{ours}\s*{s4tf}', core), f'the event table does not put {s4tf} beside {ours}'
+    assert 'Swift for TensorFlow' in core
+    assert re.search(r'before_fit\s*:?.*\n(.*\n)*?\s*after_fit', core), 'show_training_loop() output missing'
+
+
+def normalized(text: str) -> str:
+    """An output's text with what differs between runs masked: numbers and times, a checkpoint's random run id
+    (`-run1a2b3c4d`), temporary folders, object addresses, where the checkout is. The rest may not differ."""
+    text = re.sub(r'-run[0-9a-f]{8}', '-run#', text)
+    text = re.sub(r'/tmp/\S+|0x[0-9a-f]+', '#', re.sub(r'\S*/(?=nbloop/\w+\.py)', '', text))   # the checkout's path
+    return re.sub(r'\d+', '#', re.sub(r'\s+', ' ', text)).strip()
+
+
+def shape(nb) -> list:
+    "Per code cell: its source, and its outputs' kinds and masked text (pictures by kind only)."
+    out = []
+    for cell in nb.cells:
+        if cell.cell_type != 'code': continue
+        outs = []
+        for o in cell.get('outputs', []):
+            data = o.get('data', {})
+            if any(k.startswith('image/') for k in data): outs.append('image')
+            elif o.output_type in ('stream', 'execute_result', 'display_data') and not data.get('text/html'):
+                outs.append(normalized(docs.output_text(o)))
+            else: outs.append(o.output_type)
+        out.append((cell.source, outs))
+    return out
+
+
+@pytest.mark.parametrize('nb', TUTORIALS, ids=[str(t) for t in TUTORIALS])
+def test_committed_tutorial_outputs_are_fresh(build, nb):
+    """The tutorials are committed with their outputs (a reader on GitHub sees them), and these are what running
+    them now gives: the same cells, the same kinds of output, the same text but for numbers. `make tutorials`
+    refreshes them."""
+    committed = nbformat.read(ROOT / 'nbs' / nb, as_version=4)
+    fresh = nbformat.read(STAGE / nb, as_version=4)
+    assert any(c.get('outputs') for c in committed.cells if c.cell_type == 'code'), f'{nb} has no outputs: run make tutorials'
+    for (src, old), (_, new) in zip(shape(committed), shape(fresh)):
+        assert old == new, f'{nb}: outputs of this cell are stale (run make tutorials):\n{src[:300]}\ncommitted {old}\nnow {new}'
+
+
+def test_error_outputs_are_found():
+    "The build's check would see an error that a cell printed instead of raising, and a raised one."
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('x')])
+    nb.cells[0].outputs = [nbformat.v4.new_output('stream', name='stdout', text='fine\n')]
+    assert docs.error_outputs(nb) == []
+    nb.cells[0].outputs = [nbformat.v4.new_output('stream', name='stderr', text='Traceback (most recent call last):\n  ...')]
+    assert len(docs.error_outputs(nb)) == 1
+    nb.cells[0].outputs = [nbformat.v4.new_output('stream', name='stdout', text='ScheduleError: too long\n')]
+    assert docs.error_outputs(nb) == []       # a tutorial may show an error it caught
+    nb.cells[0].outputs = [nbformat.v4.new_output('error', ename='KeyError', evalue="'a'", traceback=[])]
+    assert len(docs.error_outputs(nb)) == 1
+
+
+def test_reference_lint_finds_problems():
+    "The reference check itself: a show_doc without an example, and a visible import, are both reported."
+    cells = [{'kind': 'show_doc', 'source': 'show_doc(f)', 'outputs': []}, {'kind': 'markdown', 'source': 'x', 'outputs': []},
+             {'kind': 'show_doc', 'source': 'show_doc(g)', 'outputs': []}, {'kind': 'code', 'source': 'g(1)', 'outputs': []},
+             {'kind': 'code', 'source': 'import os\nos.getcwd()', 'outputs': []}]
+    found = docs.lint_reference(cells)
+    assert found == ['show_doc(f): no example right below it', "visible code imports: 'import os\\nos.getcwd()'"]
