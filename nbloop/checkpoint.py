@@ -54,21 +54,27 @@ for _name, _code in (('float8_e4m3fn', 'F8_E4M3'), ('float8_e5m2', 'F8_E5M2'), (
     if hasattr(torch, _name): _DTYPES[getattr(torch, _name)] = _code
 _CODES = {v: k for k, v in _DTYPES.items()}
 
+# %% ../nbs/06_checkpoint.ipynb #c0bf766c
 class CheckpointError(Exception):
     "A checkpoint could not be read or does not fit the learner."
 
+# %% ../nbs/06_checkpoint.ipynb #a980cdbd
 class CorruptCheckpointError(CheckpointError):
     "Not a valid checkpoint: truncated, damaged or crafted, or no checkpoint file at all (a folder, a dangling link)."
 
+# %% ../nbs/06_checkpoint.ipynb #6f3acbbc
 class UnsafeCheckpointError(CheckpointError):
     "The file is a pickle (e.g. written by `torch.save`), which nbloop refuses to load."
 
+# %% ../nbs/06_checkpoint.ipynb #c0a8097f
 class CheckpointVersionError(CheckpointError):
     "The file was written by a newer nbloop, in a format this version cannot read."
 
+# %% ../nbs/06_checkpoint.ipynb #1cd8e932
 class CheckpointWriteError(CheckpointError, OSError):
     "Writing a checkpoint failed; the previous file at that path is intact."
 
+# %% ../nbs/06_checkpoint.ipynb #b883d8cf
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     "The raw bytes of a contiguous CPU tensor, without copying."
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b'')
@@ -92,10 +98,12 @@ def json_depth(text: str) -> int:
     steps = np.isin(brackets, (91, 123)).astype(np.int64) - np.isin(brackets, (93, 125))   # [ { minus ] }
     return int(np.cumsum(steps).max(initial=0))
 
+# %% ../nbs/06_checkpoint.ipynb #7d64392c
 def temporary_path(path: str | Path) -> Path:
     "A fresh temporary name next to `path`: `.nbl-<pid>-<random>.tmp`, short whatever `path`'s name."
     return Path(path).with_name(f'.nbl-{os.getpid()}-{os.urandom(4).hex()}.tmp')
 
+# %% ../nbs/06_checkpoint.ipynb #7ee84e8a
 def fsync_dir(path: Path) -> None:
     "fsync a folder, so that a rename inside it is durable (a no-op where folders can't be opened)."
     try: fd = os.open(path, os.O_RDONLY)
@@ -104,6 +112,7 @@ def fsync_dir(path: Path) -> None:
     except OSError: pass
     finally: os.close(fd)
 
+# %% ../nbs/06_checkpoint.ipynb #ce4ea680
 def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], state: Any = None,
                      metadata: dict[str, str] | None = None) -> Path:
     "Write `tensors` and a JSON-able `state` to `path` atomically, as safetensors with a checksum (`metadata`: extra header strings)."
@@ -301,6 +310,7 @@ def checkpoint_info(path: str | Path) -> dict:
     return {'format_version': h.version, 'written': None if written is None else int(written),
             'run': h.meta.get('run') if h.version is not None else None}
 
+# %% ../nbs/06_checkpoint.ipynb #f1783aaf
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
     "Read and verify a checkpoint: `(tensors, state)`; `state` is None for a plain safetensors file."
     tensors, state, _ = _read(Path(path))
@@ -353,6 +363,7 @@ def flatten_state(obj: Any, prefix: str = '') -> tuple[Any, dict[str, torch.Tens
                         f'numbers, strings, None, lists, tuples and dicts can be stored')
     return enc(obj, prefix, 0), tensors
 
+# %% ../nbs/06_checkpoint.ipynb #992e7e36
 def _array_dtype(s: Any) -> np.dtype:
     try: dtype = np.dtype(s) if isinstance(s, str) else None
     except TypeError: dtype = None
@@ -395,6 +406,7 @@ def save_state(path: str | Path, state: dict, metadata: dict[str, str] | None = 
     data, tensors = flatten_state(state)
     return write_checkpoint(path, tensors, data, metadata)
 
+# %% ../nbs/06_checkpoint.ipynb #299ab165
 def load_state(path: str | Path) -> dict:
     "Read a file written by `save_state` (verified); a plain safetensors file gives `{'kind': 'weights', 'model': tensors}`."
     tensors, data, version = _read(Path(path))
@@ -408,6 +420,7 @@ def load_state(path: str | Path) -> dict:
 class CheckpointMismatchError(CheckpointError):
     "A checkpoint's tensors do not match the model (or its optimizer or callbacks don't match the fit)."
 
+# %% ../nbs/06_checkpoint.ipynb #80e55d67
 def _expect(ok: bool, path: Path | str, where: str, expected: str, found: Any) -> None:
     "Raise a `CorruptCheckpointError` naming `path` unless `ok`: `where` should be `expected` but holds `found`."
     if not ok:
@@ -438,6 +451,7 @@ def checkpoint_path(learn: Learner, name_or_path: str | Path, folder: str = 'mod
         p = learn.path / folder / p
     return p if p.suffix else p.with_name(p.name + '.safetensors')
 
+# %% ../nbs/06_checkpoint.ipynb #e8dbce66
 def _model_problems(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
     own = unwrap_model(model).state_dict()
     missing = [k for k in own if k not in state]
@@ -464,10 +478,12 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], str
     own = unwrap_model(model).state_dict()
     unwrap_model(model).load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
 
+# %% ../nbs/06_checkpoint.ipynb #9ab6c73b
 def optimizer_class(opt: torch.optim.Optimizer) -> str:
     "The optimizer's class as `module.qualname`, as checkpoints store it."
     return f'{type(opt).__module__}.{type(opt).__qualname__}'
 
+# %% ../nbs/06_checkpoint.ipynb #23ba2196
 _VERSION_FLAGS = frozenset({'foreach', 'capturable', 'differentiable', 'fused'})   # implementation switches
 _ELEMENTWISE = frozenset({'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'momentum_buffer', 'square_avg', 'acc_delta',
                           'sum', 'ax', 'prev', 'grad_avg', 'exp_inf', 'step_size'})      # state shaped like its parameter
@@ -509,6 +525,7 @@ def check_optimizer_fits(opt: torch.optim.Optimizer, state: dict, saved_class: s
                                           f"holds {', '.join(sorted(saved_keys))}, this learner's {own} holds "
                                           f"{', '.join(sorted(own_keys))}; {fix}")
 
+# %% ../nbs/06_checkpoint.ipynb #825ca1ef
 def save_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True) -> Path:
     """Save `learn`'s model (and optimizer) state to one file; returns its path. With several processes only rank 0
     writes (no process waits for another, so calling it from rank 0 alone is fine too)."""
@@ -518,6 +535,7 @@ def save_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True
     if learn.runtime.is_main: save_state(path, state)       # several processes: rank 0 writes, the others don't
     return path
 
+# %% ../nbs/06_checkpoint.ipynb #52a95816
 def load_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True, strict: bool = True) -> None:
     "Load model (and optimizer) state into `learn` from a file written by `save_learner` or `CheckpointCallback`."
     path = checkpoint_path(learn, name_or_path)
@@ -551,6 +569,7 @@ def _named_callbacks(learn: Learner) -> list[tuple[str, Callback]]:
         named.append((n if seen[n] == 1 else f'{n}_{seen[n]}', cb))
     return named
 
+# %% ../nbs/06_checkpoint.ipynb #29071b4b
 def training_state(learn: Learner, position: dict, rng: dict | None = None) -> dict | None:
     """Everything needed to continue `learn`'s fit from `position` exactly. With several processes every one of
     them must call it (it gathers each one's part: random states and unsynchronized gradients), and only rank 0
@@ -575,6 +594,7 @@ def training_state(learn: Learner, position: dict, rng: dict | None = None) -> d
         state['training']['world_size'] = len(parts)
     return state
 
+# %% ../nbs/06_checkpoint.ipynb #9a076ea5
 def _check_rng(rng: Any, path: Path | str) -> None:
     "The global generator states, each tried on a scratch generator of its kind."
     _expect(isinstance(rng, dict) and {'python', 'numpy', 'torch'} <= set(rng), path, 'rng',
@@ -669,6 +689,7 @@ def check_training_state(state: Any, path: Path | str, learn: Learner | None = N
                     raise CorruptCheckpointError(f"{path} is not a usable checkpoint: the state of callback '{name}' "
                                                  f"is not one it can load ({e})") from e
 
+# %% ../nbs/06_checkpoint.ipynb #25210b91
 def apply_model_state(learn: Learner, state: dict) -> None:
     "Stage 1 of a resume: model and optimizer, both checked against the learner before either changes."
     source = state['path']
@@ -687,6 +708,7 @@ def apply_model_state(learn: Learner, state: dict) -> None:
         warnings.warn(f"resuming a run of {total} training steps as a run of {now}: schedules that "
                       f"depend on the run's length will differ from the original run")
 
+# %% ../nbs/06_checkpoint.ipynb #df0d76f8
 def apply_callback_states(learn: Learner, state: dict) -> None:
     "Stage 2 of a resume (after `before_fit`): callback states and the grad scaler."
     saved = dict(state['callbacks'])
@@ -718,6 +740,7 @@ def new_run_id() -> str:
     "A fresh run id: 8 hex digits from the OS's entropy (never from the seeded random generators)."
     return os.urandom(4).hex()
 
+# %% ../nbs/06_checkpoint.ipynb #4d0cb63d
 def checkpoint_name(position: dict, train_iter: int, run: str | None = None) -> str:
     "The file name of run `run`'s checkpoint at `position` after `train_iter` training steps."
     phase = position['phase']
@@ -726,6 +749,7 @@ def checkpoint_name(position: dict, train_iter: int, run: str | None = None) -> 
     else: at = f"epoch{position['epoch'] - 1:04d}-end"
     return f"ckpt-step{train_iter:09d}{f'-run{run}' if run else ''}-{at}.safetensors"
 
+# %% ../nbs/06_checkpoint.ipynb #23e5b4f7
 class CheckpointFile(NamedTuple):
     "An entry named like a checkpoint: path, run id (None before run ids), write time (ns), and what is wrong with it."
     path: Path
@@ -733,6 +757,7 @@ class CheckpointFile(NamedTuple):
     written: int
     problem: str | None        # None when its name and header are valid (its data is verified only when loaded)
 
+# %% ../nbs/06_checkpoint.ipynb #beb955e7
 def scan_checkpoints(folder: str | Path) -> list[CheckpointFile]:
     "Every entry of `folder` named like a checkpoint, oldest written first; headers are read and checked, tensors are not."
     folder, found = Path(folder), []
@@ -757,6 +782,7 @@ def scan_checkpoints(folder: str | Path) -> list[CheckpointFile]:
         found.append((written, step, rank, p.name, CheckpointFile(p, m and m[2], written, problem)))
     return [f for *_, f in sorted(found)]
 
+# %% ../nbs/06_checkpoint.ipynb #d1da6004
 def list_checkpoints(folder: str | Path, run: str | None = None) -> list[Path]:
     "The checkpoint files in `folder` (of run `run` only, if given), oldest written first."
     return [f.path for f in scan_checkpoints(folder)
@@ -772,6 +798,7 @@ def _training_state_from(learn: Learner, path: Path) -> dict:
     state['path'] = str(path)
     return state
 
+# %% ../nbs/06_checkpoint.ipynb #ac51a4cb
 def check_resume(resume: Any) -> None:
     "Raise TypeError unless `resume` is None, 'last' or a path (`fit` checks it before anything changes)."
     if resume is not None and (isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike))):
@@ -779,6 +806,7 @@ def check_resume(resume: Any) -> None:
                         f"folder) or the path of a checkpoint file (a str or os.PathLike); got {resume!r} "
                         f"({type(resume).__name__})")
 
+# %% ../nbs/06_checkpoint.ipynb #10e9ced5
 def resume_state(learn: Learner, resume: str | os.PathLike) -> dict | None:
     """The training state to resume from: `'last'` (newest written that verifies in the checkpoint folder) or a path.
     With several processes rank 0 picks the file and every process loads it (a folder they share) and takes its
@@ -1018,6 +1046,7 @@ class Table(list):
         body = ''.join('<tr>' + ''.join(f'<td>{v}</td>' for v in r) + '</tr>' for r in rows)
         return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
+# %% ../nbs/06_checkpoint.ipynb #aa4dd27b
 def compare_checkpoints(learn: Learner, dir: str | Path = 'checkpoints', run: str | None = None) -> tuple[Table, Figure]:
     "Evaluate a run's kept checkpoints (default: the newest run's) on the validation set: a table and a plot."
     folder = Path(dir) if Path(dir).is_absolute() else learn.path / dir

@@ -66,15 +66,19 @@ TRAINING_LOOP_EVENTS = {
 class CancelBatchException(Exception):
     "Skip the rest of this batch and go to `after_batch`."
 
+# %% ../nbs/00_core.ipynb #70f6b729
 class CancelTrainException(Exception):
     "Skip the rest of the training phase and go to `after_train`."
 
+# %% ../nbs/00_core.ipynb #b63a6e14
 class CancelValidateException(Exception):
     "Skip the rest of the validation phase and go to `after_validate`."
 
+# %% ../nbs/00_core.ipynb #6f724b7e
 class CancelEpochException(Exception):
     "Skip the rest of this epoch and go to `after_epoch`."
 
+# %% ../nbs/00_core.ipynb #d57ed7e2
 class CancelFitException(Exception):
     "Stop training and go to `after_fit`."
 
@@ -86,6 +90,7 @@ def camel_to_snake(name: str) -> str:
     s = re.sub(r'(.)([A-Z][a-z]+)', r'\1_\2', name)
     return re.sub(r'([a-z0-9])([A-Z])', r'\1_\2', s).lower()
 
+# %% ../nbs/00_core.ipynb #2b216359
 class Callback:
     "Base class for callbacks: set `order` and define methods named after events, taking the learner."
     order: int = 0
@@ -104,6 +109,7 @@ class Callback:
 class CallbackError(TypeError):
     "A callback is malformed: an unknown event method, or neither a `Callback` nor a function."
 
+# %% ../nbs/00_core.ipynb #25aeb70c
 # hooks of Keras, Lightning, fastai v1 and ignite, with the nbloop event that runs at that point
 FOREIGN_HOOKS = {
     'on_train_begin': 'before_fit', 'on_train_start': 'before_fit', 'on_fit_start': 'before_fit',
@@ -164,6 +170,7 @@ class FunctionCallback(Callback):
 
     def __repr__(self): return f'FunctionCallback({self.name})'
 
+# %% ../nbs/00_core.ipynb #b92ff962
 def as_callback(cb: Callback | Callable | type) -> Callback:
     "Turn `cb` (a `Callback`, a `Callback` class, or a function `fn(learn, event)`) into a `Callback`."
     if isinstance(cb, type) and issubclass(cb, Callback): cb = cb()
@@ -171,6 +178,7 @@ def as_callback(cb: Callback | Callable | type) -> Callback:
     if callable(cb): return FunctionCallback(cb)
     raise CallbackError(f"callbacks must be Callback instances or functions fn(learn, event); got {cb!r}")
 
+# %% ../nbs/00_core.ipynb #fb9f9aa3
 def handlers_of(cb: Callback) -> dict[Event, Callable]:
     "The event handlers of `cb`: its event methods, or every event for a `FunctionCallback`."
     return cb.handlers() if isinstance(cb, FunctionCallback) else event_methods(cb)
@@ -268,6 +276,7 @@ def default_device() -> torch.device:
     if mps is not None and mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
+# %% ../nbs/00_core.ipynb #9412e64b
 def to_device(items: Any, device: torch.device) -> Any:
     "Move the tensors in `items` (nested tuples, lists and dicts) to `device`, asynchronously where possible."
     if isinstance(items, torch.Tensor):
@@ -280,6 +289,7 @@ def to_device(items: Any, device: torch.device) -> Any:
 class BatchError(TypeError):
     "A batch is not `(x, y)` or `(*xs, y)`."
 
+# %% ../nbs/00_core.ipynb #697e25e8
 def describe(obj: Any) -> str:
     "A short description of `obj` for error messages: shape and dtype for tensors."
     if isinstance(obj, torch.Tensor): return f'tensor of shape {tuple(obj.shape)} and dtype {obj.dtype}'
@@ -288,6 +298,7 @@ def describe(obj: Any) -> str:
         return f'{type(obj).__name__} of {len(obj)} item{"s" if len(obj) != 1 else ""} ({inner})'
     return f'{type(obj).__name__}'
 
+# %% ../nbs/00_core.ipynb #bcedcca9
 def split_batch(batch: Any, source: str = 'the dataloader') -> tuple[tuple, tuple]:
     "Split `batch` into `(xb, yb)` tuples: inputs and the target; raise `BatchError` if it is not `(x, y)`/`(*xs, y)`."
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -312,6 +323,7 @@ def get_rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized(): state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
+# %% ../nbs/00_core.ipynb #41992eb6
 def set_rng_state(state: dict) -> None:
     "Restore random generator states captured by `get_rng_state`."
     random.setstate(state['python'])
@@ -355,16 +367,19 @@ def get_rank() -> int:
     if dist.is_available() and dist.is_initialized(): return dist.get_rank()
     return int(os.environ.get('RANK', 0))
 
+# %% ../nbs/00_core.ipynb #ee225f02
 def get_world_size() -> int:
     "How many processes train together (1 when not distributed)."
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized(): return dist.get_world_size()
     return int(os.environ.get('WORLD_SIZE', 1))
 
+# %% ../nbs/00_core.ipynb #68283347
 def is_main_process() -> bool:
     "Whether this process is rank 0, the one that displays and writes."
     return get_rank() == 0
 
+# %% ../nbs/00_core.ipynb #efe8bbda
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model inside its wrappers: DistributedDataParallel / DataParallel (`.module`) and `torch.compile`
     (`._orig_mod`), in any nesting, so that checkpoints hold the plain keys and load into any learner."""

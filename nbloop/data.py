@@ -29,6 +29,7 @@ def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(data[:, :64]).float().div_(16).reshape(-1, 1, 8, 8)
     return x, torch.from_numpy(data[:, 64])
 
+# %% ../nbs/08_data.ipynb #8c2ccaab
 def load_digits(batch_size: int = 64, valid_pct: float = 0.2, seed: int = 42,
                 num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
     "The digits as `(train_dl, valid_dl)`: a fixed random split (by `seed`), shuffled training batches."
@@ -84,6 +85,7 @@ def is_replayable(dl: Any) -> bool:
     "Whether `dl` is a `DataLoader` over a map-style dataset, so that epochs can be planned and replayed."
     return isinstance(dl, DataLoader) and not isinstance(dl.dataset, IterableDataset)
 
+# %% ../nbs/08_data.ipynb #dcbe138a
 class EpochPlan:
     """Iterate `dl` one epoch at a time, from any batch position, replaying a planned order for map-style DataLoaders.
     With several processes (`runtime` of world size > 1) every process takes its share of one global order."""
@@ -252,6 +254,7 @@ def _dataset_size(dl: DataLoader) -> int | None:
     try: return len(dl.dataset)
     except TypeError: return None
 
+# %% ../nbs/08_data.ipynb #360fe81e
 def data_generators(*dls: Any) -> list[torch.Generator]:
     """The `torch.Generator`s that the dataloaders' orders and worker seeds are drawn from: a DataLoader's own
     `generator=`, its sampler's and its batch sampler's (deduplicated, in a fixed order). Checkpoints save their

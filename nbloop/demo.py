@@ -26,6 +26,7 @@ def digits_cnn() -> nn.Module:
     return nn.Sequential(*block(1, 32, 1), *block(32, 64, 2), *block(64, 128, 2),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
 
+# %% ../nbs/11_demo.ipynb #cbeec187
 def main(argv: list[str] | None = None) -> dict:
     "Train `digits_cnn` with one-cycle on the digits and print the per-epoch table and the final metrics."
     ap = argparse.ArgumentParser(prog='python -m nbloop.demo', description=main.__doc__)

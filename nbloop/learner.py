@@ -39,12 +39,15 @@ __all__ = ['LossError', 'EmptyDataError', 'ModelError', 'FitError', 'Learner', '
 class LossError(RuntimeError):
     "The loss function rejected its inputs or did not return a scalar."
 
+# %% ../nbs/09_learner.ipynb #f2c3e411
 class EmptyDataError(ValueError):
     "A dataloader yielded no batches."
 
+# %% ../nbs/09_learner.ipynb #cebd29d1
 class ModelError(RuntimeError):
     "The model rejected the batch's inputs."
 
+# %% ../nbs/09_learner.ipynb #f1ea85d7
 class FitError(RuntimeError):
     "`fit` cannot run as asked (called from inside a running fit, a model with nothing to train, ...)."
 
@@ -668,6 +671,7 @@ def synth_data(n: int = 128, n_features: int = 4, n_classes: int | None = None, 
     valid = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=batch_size * 2, num_workers=num_workers)
     return train, valid
 
+# %% ../nbs/09_learner.ipynb #5fa25ace
 class _Squeeze(nn.Module):
     def forward(self, x): return x[:, 0]
 

@@ -45,6 +45,7 @@ def _summed(gather: Callable[[Any], list], *values) -> tuple:
     "Each of `values` summed over every process (`gather(obj)` returns every process's `obj`, in rank order)."
     return tuple(map(sum, zip(*gather(values))))
 
+# %% ../nbs/01_metrics.ipynb #fb0496a5
 class Metric:
     "Base class: `reset()`, then `accumulate(learn)` per batch, then `compute()` for the epoch's value."
     name: str = 'metric'
@@ -62,10 +63,12 @@ class Metric:
                       f"combine the processes' states")
     def __repr__(self): return f'{type(self).__name__}({self.name!r})'
 
+# %% ../nbs/01_metrics.ipynb #4141cd5f
 def batch_size_of(targ: Any) -> int:
     "Number of samples in a target batch, read from its shape (no device sync)."
     return targ.shape[0] if isinstance(targ, torch.Tensor) and targ.ndim else len(targ)
 
+# %% ../nbs/01_metrics.ipynb #bfd40fbe
 class AvgMetric(Metric):
     "Average a function `fn(pred, targ) -> scalar` over all samples, weighting each batch by its size."
     def __init__(self, fn: Callable, name: str | None = None):
@@ -91,6 +94,7 @@ class AvgMetric(Metric):
     def sync(self, gather):
         self.total, self.count = _summed(gather, float(self.total), int(self.count))
 
+# %% ../nbs/01_metrics.ipynb #66ce4c4f
 class ObjectMetric(Metric):
     "Use an object with `reset/update/compute` (e.g. a torchmetrics metric) as it is."
     def __init__(self, obj: Any):
@@ -107,6 +111,7 @@ class ObjectMetric(Metric):
         value = self.obj.compute()
         return float(value) if not isinstance(value, torch.Tensor) or value.numel() == 1 else value
 
+# %% ../nbs/01_metrics.ipynb #aabd01a2
 class CountMetric(Metric):
     "A ratio of integer counts: `counts(pred, targ) -> (hits, total)` summed on the device, divided once at the end."
     def __init__(self, counts: Callable, name: str):
@@ -127,6 +132,7 @@ class CountMetric(Metric):
         if self.hits is None: self.hits = self.total = 0         # no batches here: 0 of 0 (nan if none anywhere)
         self.hits, self.total = _summed(gather, int(self.hits), int(self.total))
 
+# %% ../nbs/01_metrics.ipynb #3ba5a16c
 class EpochMetric(Metric):
     "Compute `fn(preds, targs)` once over the whole epoch's predictions and targets, gathered on the device."
     running = False          # computing over everything gathered so far would cost too much to show while running
@@ -147,6 +153,7 @@ class EpochMetric(Metric):
         self.preds = [p.to(device) if device is not None else p for p, _ in parts]
         self.targs = [t.to(device) if device is not None else t for _, t in parts]
 
+# %% ../nbs/01_metrics.ipynb #6e6873e0
 def as_metric(m: Metric | Callable | Any) -> Metric:
     "Wrap `m` as a `Metric`: metrics stay, counting functions count, objects with reset/update/compute stay, functions are averaged."
     if isinstance(m, Metric): return m
@@ -165,6 +172,7 @@ def predicted_class(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"cannot match predictions ({describe(pred)}) with targets ({describe(targ)}): expected "
                      f"predictions with one more (class) dimension than the targets, or the same shape")
 
+# %% ../nbs/01_metrics.ipynb #b0539790
 def _accuracy_counts(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "(correct, counted) as int64 tensors on the device; targets equal to -100 are not counted."
     keep = targ != _IGNORE
@@ -177,6 +185,7 @@ def accuracy(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
 
 accuracy.counts = _accuracy_counts
 
+# %% ../nbs/01_metrics.ipynb #27b17ac9
 def top_k_accuracy(k: int = 5) -> Callable:
     "A metric function: fraction of the targets (those != -100) that are among the `k` highest predictions."
     if k < 1: raise ValueError(f'top_k_accuracy needs k >= 1, got {k}')
@@ -418,7 +427,11 @@ class Recorder(Callback):
         "Finish the epoch's row and append it to `history`; the learner calls this right before `after_epoch`."
         state = self._state(learn)
         row = dict(state.row or self._loaded_row)
-        if learn.valid_dl is not None and self.values is not None: row.update(self.values)
+        if 'train_loss' not in row:       # the epoch was cancelled in training (no after_train): its batches count
+            self.after_train(learn)
+            row = dict(state.row)
+        if learn.valid_dl is not None:    # a cancelled validation leaves its columns empty (nan), never missing
+            row.update(self.values if self.values is not None else dict.fromkeys(['valid_loss', *self.metric_names], math.nan))
         row['time'] = time.perf_counter() - getattr(self, '_epoch_t0', time.perf_counter())
         self.history.append(row)
         self._epoch_ends.append(len(self._losses) + len(self._pending))

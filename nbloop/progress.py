@@ -30,12 +30,14 @@ def format_row(values: list) -> list[str]:
         else: out.append(str(v))
     return out
 
+# %% ../nbs/02_progress.ipynb #ca2efec6
 def format_time(seconds: float) -> str:
     "Seconds as `m:ss` (or `h:mm:ss`)."
     s = int(round(seconds))
     h, m, s = s // 3600, s // 60 % 60, s % 60
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
 
+# %% ../nbs/02_progress.ipynb #b4ae0025
 def format_comment(values: dict[str, float]) -> str:
     "The running values as `loss: 0.1520 - accuracy: 0.9521`."
     return ' - '.join(f'{k}: {v:.4f}' for k, v in values.items())

@@ -98,7 +98,7 @@ class Runtime:
         "The stop vote at the end of a phase (all of its pending votes included): here, this process's own."
         return local
 
-# %% ../nbs/08a_runtime.ipynb #8e38b7fa
+# %% ../nbs/08a_runtime.ipynb #173a581a
 _STOPS = (None, 'cancel', 'SIGINT', 'SIGTERM')   # the stop vote's codes; the larger code wins
 _side: dict = {}                          # the CPU (gloo) group of the current process group
 
@@ -107,6 +107,7 @@ def distributed_env() -> bool:
     try: return int(os.environ.get('WORLD_SIZE', '1')) > 1
     except ValueError: return False
 
+# %% ../nbs/08a_runtime.ipynb #aa9ba465
 def init_distributed(backend: str | None = None, timeout: float = 600.) -> bool:
     """Join the process group that torchrun's environment describes (NCCL with CUDA, gloo without); returns False
     when a group is already initialized (it is used as it is). Each elastic restart uses its own key prefix in the
@@ -129,6 +130,7 @@ def init_distributed(backend: str | None = None, timeout: float = 600.) -> bool:
     atexit.register(destroy_distributed)
     return True
 
+# %% ../nbs/08a_runtime.ipynb #5e9d9238
 def destroy_distributed() -> None:
     """Leave the process group (if any) and forget its CPU group. Then give gloo's worker threads a moment: one
     still releasing the tensors of a finished collective needs the GIL, and a thread that asks for it while the
@@ -139,6 +141,7 @@ def destroy_distributed() -> None:
         gc.collect()
         time.sleep(0.2)
 
+# %% ../nbs/08a_runtime.ipynb #bac6580a
 def side_group():
     "A gloo group of all processes, on the CPU: for host-side agreements that must not sync a GPU."
     world = dist.group.WORLD
@@ -152,18 +155,18 @@ def _ddp_of(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel
         if isinstance(m, torch.nn.parallel.DistributedDataParallel): return m
     return None
 
-# %% ../nbs/08a_runtime.ipynb #ad7e2fa7
+# %% ../nbs/08a_runtime.ipynb #5098237d
 class DistributedRuntime(Runtime):
     """One of several processes (torchrun, `launch`): the model in DistributedDataParallel on `cuda:LOCAL_RANK`
     (or the CPU), sums and gathers across processes, and a stop vote that never syncs the device."""
     distributed = True
 
     def __init__(self, device: str | torch.device | None = None):
-        init_distributed()
         self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
         if device is None: device = 'cuda' if torch.cuda.is_available() else 'cpu'
         device = torch.device(device)
         if device.type == 'cuda' and device.index is None: device = torch.device('cuda', self.local_rank)
+        init_distributed('nccl' if device.type == 'cuda' else 'gloo')   # CPU training on a GPU machine: gloo
         super().__init__(device)
         if self.device.type == 'cuda': torch.cuda.set_device(self.device)
         self.group = side_group()
@@ -242,6 +245,7 @@ class DistributedRuntime(Runtime):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return _STOPS[int(flag[0])]
 
+# %% ../nbs/08a_runtime.ipynb #039114d0
 def make_runtime(device: str | torch.device | None = None) -> Runtime:
     "The runtime for this process: a `DistributedRuntime` under torchrun or `launch` (or in a process group), else a `Runtime`."
     if (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or distributed_env():
@@ -252,6 +256,7 @@ def make_runtime(device: str | torch.device | None = None) -> Runtime:
 class LaunchError(RuntimeError):
     "A process started by `launch` failed; the message holds its traceback."
 
+# %% ../nbs/08a_runtime.ipynb #b3ef3c4a
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

@@ -27,16 +27,19 @@ def linear(start: float, end: float, pct: float) -> float:
     "Straight line from `start` to `end`."
     return start + (end - start) * pct
 
+# %% ../nbs/03_schedule.ipynb #20e4a84a
 def cosine(start: float, end: float, pct: float) -> float:
     "Half a cosine from `start` to `end`: flat at both ends."
     return start + (end - start) * (1 - math.cos(math.pi * pct)) / 2
 
+# %% ../nbs/03_schedule.ipynb #7b0ed50b
 def exponential(start: float, end: float, pct: float) -> float:
     "Geometric interpolation from `start` to `end` (both must be positive)."
     if start <= 0 or end <= 0:
         raise ValueError(f'an exponential segment needs positive start and end, got {start} and {end}')
     return start * (end / start) ** pct
 
+# %% ../nbs/03_schedule.ipynb #237e412b
 def constant(start: float, end: float, pct: float) -> float:
     "`start` throughout."
     return start
@@ -45,6 +48,7 @@ def constant(start: float, end: float, pct: float) -> float:
 class ScheduleError(ValueError):
     "A schedule does not fit the training run."
 
+# %% ../nbs/03_schedule.ipynb #25f9165f
 @dataclass
 class ScheduleSegment:
     "One piece of a schedule: `shape` from `start` to `end` over `steps` training steps."
@@ -60,6 +64,7 @@ class ScheduleSegment:
                                     f'ScheduleSegment(shape, start=..., end=..., steps=...)')
             self.end = None
 
+# %% ../nbs/03_schedule.ipynb #474d7e92
 class Schedule:
     "Segments laid end to end; call it with a global step to get the value. `resolve(total_steps)` fixes the last segment."
     def __init__(self, segments: Sequence[ScheduleSegment]):
@@ -116,6 +121,7 @@ class Schedule:
         if total_steps is not None: self.resolve(total_steps)
         return [self(t) for t in range(n)]
 
+# %% ../nbs/03_schedule.ipynb #7a59d8d3
 def make_schedule(segments: Sequence[ScheduleSegment]) -> Schedule:
     "A `Schedule` from segments laid end to end."
     return Schedule(segments)
@@ -131,6 +137,7 @@ def get_hyper(group: dict, param: str) -> float:
         raise KeyError(f"this optimizer has no hyper-parameter '{param}' (it has: {', '.join(sorted(k for k in group if k != 'params'))})")
     return group[param]
 
+# %% ../nbs/03_schedule.ipynb #9b3a75cf
 def set_hyper(group: dict, param: str, value: float) -> None:
     "Set hyper-parameter `param` of an optimizer param group (see `get_hyper` for momentum and betas)."
     if param in ('momentum', 'beta1', 'beta2') and not (param == 'momentum' and 'momentum' in group):
@@ -139,6 +146,7 @@ def set_hyper(group: dict, param: str, value: float) -> None:
         group['betas'] = tuple(betas)
     else: group[param] = value
 
+# %% ../nbs/03_schedule.ipynb #047157d8
 def has_momentum(group: dict) -> bool:
     "Whether momentum can be scheduled in this group: Adam-like betas, or a nonzero `momentum`."
     return 'betas' in group or bool(group.get('momentum', 0))
@@ -192,6 +200,7 @@ def smooth(values: Sequence[float], beta: float = 0.98) -> list[float]:
     ema = DebiasedEMA(beta)
     return [ema(v) for v in values]
 
+# %% ../nbs/03_schedule.ipynb #f951a173
 class LRFinder(Callback):
     "Sweep the learning rate exponentially over training batches and stop when the loss diverges."
     order = 10
@@ -263,6 +272,7 @@ def suggest_valley(lrs: Sequence[float], losses: Sequence[float], tol: float = 0
     while prev[start] != -1: start = prev[start]
     return lrs[(start + end) // 2]
 
+# %% ../nbs/03_schedule.ipynb #aaeffcbc
 def suggest_steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
     "The learning rate where the loss falls fastest against log(lr), before its minimum."
     stop = min(range(len(losses)), key=losses.__getitem__) + 1 if losses else 0
@@ -271,6 +281,7 @@ def suggest_steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
     slopes = [(losses[i + 1] - losses[i]) / (logs[i + 1] - logs[i]) for i in range(stop - 1)]
     return lrs[min(range(len(slopes)), key=slopes.__getitem__)]
 
+# %% ../nbs/03_schedule.ipynb #49064210
 def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
     "A tenth of the learning rate at the lowest loss."
     if not losses: return math.nan
