@@ -4,6 +4,7 @@ Markdown cells are copied; code cells become ```python blocks with their text ou
 and nbdev's `#|` directive lines are left out. Usage: python tools/readme.py [out_path]
 """
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,8 +17,8 @@ def render(nb_path: Path) -> str:
     for cell in nb['cells']:
         src = ''.join(cell['source'])
         lines = src.splitlines()
-        if cell['cell_type'] == 'markdown':
-            parts.append(src.strip())
+        if cell['cell_type'] == 'markdown':     # links between notebooks, relative to nbs/, made relative to the root
+            parts.append(re.sub(r'\]\((?!\w+:|/|#)([^)]+\.ipynb)\)', r'](nbs/\1)', src.strip()))
             continue
         if any(l.strip().replace(' ', '') in ('#|hide', '#|exporti') for l in lines if l.startswith('#|')):
             continue
