@@ -48,7 +48,7 @@ readme: setup
 	@if command -v quarto >/dev/null; then $(BIN)/nbdev_readme; \
 	else $(BIN)/python tools/readme.py; fi
 
-# The site, from executed notebooks (tools/docs.py): Quarto through nbdev_docs where it is installed, smalldocs otherwise.
+# The site, from executed notebooks (tools/docs.py): rendered by Quarto where it is installed, by smalldocs otherwise.
 docs: setup
 	$(BIN)/python tools/docs.py
 

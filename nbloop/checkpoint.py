@@ -92,19 +92,22 @@ def _checksum(entries: dict, meta: dict, chunks: Iterable, version: int = FORMAT
 
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+', re.S)
 
-def json_depth(text: str) -> int:
+def json_depth(text: str,  # The JSON text to measure
+               ) -> int:
     "How deeply lists and dicts nest in JSON `text` (strings skipped), found without recursion or a Python loop."
     brackets = np.frombuffer(_JSON_STRING.sub('', text).encode(), np.uint8)
     steps = np.isin(brackets, (91, 123)).astype(np.int64) - np.isin(brackets, (93, 125))   # [ { minus ] }
     return int(np.cumsum(steps).max(initial=0))
 
 # %% ../nbs/06_checkpoint.ipynb #7d64392c
-def temporary_path(path: str | Path) -> Path:
+def temporary_path(path: str | Path,  # The destination; the temporary file goes in its folder
+                   ) -> Path:
     "A fresh temporary name next to `path`: `.nbl-<pid>-<random>.tmp`, short whatever `path`'s name."
     return Path(path).with_name(f'.nbl-{os.getpid()}-{os.urandom(4).hex()}.tmp')
 
 # %% ../nbs/06_checkpoint.ipynb #7ee84e8a
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path,  # The folder to sync
+              ) -> None:
     "fsync a folder, so that a rename inside it is durable (a no-op where folders can't be opened)."
     try: fd = os.open(path, os.O_RDONLY)
     except OSError: return
@@ -113,8 +116,11 @@ def fsync_dir(path: Path) -> None:
     finally: os.close(fd)
 
 # %% ../nbs/06_checkpoint.ipynb #ce4ea680
-def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], state: Any = None,
-                     metadata: dict[str, str] | None = None) -> Path:
+def write_checkpoint(path: str | Path,                        # The file to write; its folder is created if missing
+                     tensors: dict[str, torch.Tensor],        # Tensors by name (any device, a storable dtype)
+                     state: Any = None,                       # Any JSON-able value, stored in the header
+                     metadata: dict[str, str] | None = None,  # Extra header strings by name; None for none
+                     ) -> Path:
     "Write `tensors` and a JSON-able `state` to `path` atomically, as safetensors with a checksum (`metadata`: extra header strings)."
     path = Path(path)
     tmp = temporary_path(path)
@@ -302,7 +308,8 @@ def _read_body(f, path: Path, nbytes: int) -> bytearray:
         got += k
     return buf
 
-def checkpoint_info(path: str | Path) -> dict:
+def checkpoint_info(path: str | Path,  # The checkpoint file; only its header is read
+                    ) -> dict:
     "What a checkpoint's validated header says, without reading its tensors: `format_version`, `written` (ns), `run`."
     path = Path(path)
     with _open_file(path) as (f, size): h = _read_header(f, path, size)
@@ -311,7 +318,8 @@ def checkpoint_info(path: str | Path) -> dict:
             'run': h.meta.get('run') if h.version is not None else None}
 
 # %% ../nbs/06_checkpoint.ipynb #f1783aaf
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
+def read_checkpoint(path: str | Path,  # The file to read: an nbloop checkpoint or a plain safetensors file
+                    ) -> tuple[dict[str, torch.Tensor], Any]:
     "Read and verify a checkpoint: `(tensors, state)`; `state` is None for a plain safetensors file."
     tensors, state, _ = _read(Path(path))
     return tensors, state
@@ -337,7 +345,9 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], Any, int | None]:
 # %% ../nbs/06_checkpoint.ipynb #6d3d8136
 _MARKERS = ('__tensor__', '__ndarray__', '__tuple__', '__items__')
 
-def flatten_state(obj: Any, prefix: str = '') -> tuple[Any, dict[str, torch.Tensor]]:
+def flatten_state(obj: Any,          # Dicts, lists and tuples of tensors, arrays, numbers, strings, paths, None
+                  prefix: str = '',  # Start of every tensor's name; the rest is its path in `obj` (`<prefix>/key/0`)
+                  ) -> tuple[Any, dict[str, torch.Tensor]]:
     "Split a nested state into JSON-able data and a flat dict of tensors."
     tensors: dict[str, torch.Tensor] = {}
     def enc(o, path, depth):
@@ -370,7 +380,9 @@ def _array_dtype(s: Any) -> np.dtype:
     if dtype is None or dtype.kind not in 'biuf': raise ValueError(f'{_short(s)} is not a numeric array dtype')
     return dtype
 
-def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def unflatten_state(obj: Any,                          # The JSON-able data `flatten_state` returned
+                    tensors: dict[str, torch.Tensor],  # The flat dict of tensors the data's references name
+                    ) -> Any:
     "Inverse of `flatten_state`; a reference that does not resolve raises `ValueError` saying where."
     def dec(o, where):
         if isinstance(o, list): return [dec(v, f'{where}/{i}') for i, v in enumerate(o)]
@@ -401,13 +413,17 @@ def _hashable(k):
     return tuple(_hashable(v) for v in k) if isinstance(k, (list, tuple)) else k
 
 # %% ../nbs/06_checkpoint.ipynb #7f846a9b
-def save_state(path: str | Path, state: dict, metadata: dict[str, str] | None = None) -> Path:
+def save_state(path: str | Path,                        # The file to write; its folder is created if missing
+               state: dict,                             # A nest of dicts, lists and tuples (see `flatten_state`)
+               metadata: dict[str, str] | None = None,  # Extra header strings by name; None for none
+               ) -> Path:
     "Write a nested state (tensors anywhere inside) to one checkpoint file, atomically."
     data, tensors = flatten_state(state)
     return write_checkpoint(path, tensors, data, metadata)
 
 # %% ../nbs/06_checkpoint.ipynb #299ab165
-def load_state(path: str | Path) -> dict:
+def load_state(path: str | Path,  # A file written by `save_state`, or a plain safetensors file
+               ) -> dict:
     "Read a file written by `save_state` (verified); a plain safetensors file gives `{'kind': 'weights', 'model': tensors}`."
     tensors, data, version = _read(Path(path))
     if version is None: return {'kind': 'weights', 'model': tensors}
@@ -444,7 +460,10 @@ def _check_optimizer(opt: Any, path: Path | str, where: str = 'opt') -> None:
     _expect(isinstance(opt['state'], dict) and all(k in set(ids) and isinstance(v, dict) for k, v in opt['state'].items()),
             path, f'{where}.state', 'a dict from parameter ids of param_groups to dicts of values', opt['state'])
 
-def checkpoint_path(learn: Learner, name_or_path: str | Path, folder: str = 'models') -> Path:
+def checkpoint_path(learn: Learner,            # The learner whose `path` a bare name is under
+                    name_or_path: str | Path,  # A bare name or a path; `.safetensors` is added if it has no suffix
+                    folder: str = 'models',    # The folder under `learn.path` for a bare name
+                    ) -> Path:
     "Where `name_or_path` lives: a bare name is `<learn.path>/<folder>/<name>.safetensors`, a path is itself."
     p = Path(name_or_path)
     if p.parent == Path('.') and not str(name_or_path).startswith(('.', '/')):
@@ -469,8 +488,11 @@ def _refuse_model(problems: list[str], source: str) -> None:
         raise CheckpointMismatchError(f'{source} does not match the model:\n  - ' + '\n  - '.join(problems) +
                                       '\nUse strict=False to load the tensors that match.')
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True,
-                     source: str = 'the checkpoint') -> None:
+def load_model_state(model: torch.nn.Module,          # The model to copy into (through a DDP or compile wrapper)
+                     state: dict[str, torch.Tensor],  # Tensors by name, as a `state_dict()` holds them
+                     strict: bool = True,             # Refuse any mismatch; False loads what matches and warns
+                     source: str = 'the checkpoint',  # What messages call the state, e.g. its file
+                     ) -> None:
     "Copy `state` into `model`; with `strict`, report missing/unexpected keys and shape mismatches together."
     problems = _model_problems(model, state, source)
     if strict: _refuse_model(problems, source)
@@ -479,7 +501,8 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], str
     unwrap_model(model).load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
 
 # %% ../nbs/06_checkpoint.ipynb #9ab6c73b
-def optimizer_class(opt: torch.optim.Optimizer) -> str:
+def optimizer_class(opt: torch.optim.Optimizer,  # Any torch optimizer
+                    ) -> str:
     "The optimizer's class as `module.qualname`, as checkpoints store it."
     return f'{type(opt).__module__}.{type(opt).__qualname__}'
 
@@ -488,7 +511,11 @@ _VERSION_FLAGS = frozenset({'foreach', 'capturable', 'differentiable', 'fused'})
 _ELEMENTWISE = frozenset({'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'momentum_buffer', 'square_avg', 'acc_delta',
                           'sum', 'ax', 'prev', 'grad_avg', 'exp_inf', 'step_size'})      # state shaped like its parameter
 
-def check_optimizer_fits(opt: torch.optim.Optimizer, state: dict, saved_class: str | None, source: str) -> None:
+def check_optimizer_fits(opt: torch.optim.Optimizer,  # The optimizer it would be loaded into
+                         state: dict,                 # An optimizer's `state_dict()` (from `source`)
+                         saved_class: str | None,     # The class stored with it, `module.qualname`; None in older files
+                         source: str,                 # What messages call the state, e.g. its file
+                         ) -> None:
     "Raise `CheckpointMismatchError` unless `state` (an optimizer's state_dict from `source`) loads into `opt` and means the same there."
     own = optimizer_class(opt)
     fix = ('create the learner with the opt_func of the run that wrote it, or load the weights alone '
@@ -526,7 +553,10 @@ def check_optimizer_fits(opt: torch.optim.Optimizer, state: dict, saved_class: s
                                           f"{', '.join(sorted(own_keys))}; {fix}")
 
 # %% ../nbs/06_checkpoint.ipynb #825ca1ef
-def save_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True) -> Path:
+def save_learner(learn: Learner,            # The learner to save
+                 name_or_path: str | Path,  # A bare name (`<learn.path>/models/<name>.safetensors`) or a file path
+                 with_opt: bool = True,     # Save the optimizer's state and class too
+                 ) -> Path:
     """Save `learn`'s model (and optimizer) state to one file; returns its path. With several processes only rank 0
     writes (no process waits for another, so calling it from rank 0 alone is fine too)."""
     path = checkpoint_path(learn, name_or_path)
@@ -536,7 +566,11 @@ def save_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True
     return path
 
 # %% ../nbs/06_checkpoint.ipynb #52a95816
-def load_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True, strict: bool = True) -> None:
+def load_learner(learn: Learner,            # The learner to load into; nothing changes if the file is refused
+                 name_or_path: str | Path,  # A bare name (`<learn.path>/models/<name>.safetensors`) or a file path
+                 with_opt: bool = True,     # Load the optimizer's state too if the file has one (warns if not)
+                 strict: bool = True,       # Refuse any mismatch; False loads what matches and warns
+                 ) -> None:
     "Load model (and optimizer) state into `learn` from a file written by `save_learner` or `CheckpointCallback`."
     path = checkpoint_path(learn, name_or_path)
     state = load_state(path)
@@ -553,7 +587,8 @@ def load_learner(learn: Learner, name_or_path: str | Path, with_opt: bool = True
     elif with_opt: warnings.warn(f'{path} holds no optimizer state (saved with with_opt=False); only the model was loaded')
 
 # %% ../nbs/06_checkpoint.ipynb #143e5e37
-def callback_states(learn: Learner) -> dict[str, Any]:
+def callback_states(learn: Learner,  # The learner whose callbacks' `state_dict()` are gathered
+                    ) -> dict[str, Any]:
     "The `state_dict()` of every stateful callback, by name (a repeated name gets `_2`, `_3`, ...)."
     out = {}
     for name, cb in _named_callbacks(learn):
@@ -570,7 +605,10 @@ def _named_callbacks(learn: Learner) -> list[tuple[str, Callback]]:
     return named
 
 # %% ../nbs/06_checkpoint.ipynb #29071b4b
-def training_state(learn: Learner, position: dict, rng: dict | None = None) -> dict | None:
+def training_state(learn: Learner,           # The learner being fit
+                   position: dict,           # Where the fit continues: {'epoch', 'iter', 'phase'}
+                   rng: dict | None = None,  # Random states as `learn.capture_rng()` gives them; None: capture now
+                   ) -> dict | None:
     """Everything needed to continue `learn`'s fit from `position` exactly. With several processes every one of
     them must call it (it gathers each one's part: random states and unsynchronized gradients), and only rank 0
     gets the state (the others get None): a checkpoint is complete by construction, or not written at all."""
@@ -656,7 +694,10 @@ def _check_data(data: Any, position: dict, path: Path | str) -> None:
                 f"'world_size' and 'batch_size' >= 1 and a 'base' within the {units} planned units", data)
     # (indices past the end of a dataset that shrank are a mismatch, not damage: the data module says so on resume)
 
-def check_training_state(state: Any, path: Path | str, learn: Learner | None = None) -> None:
+def check_training_state(state: Any,                    # The state read from a training checkpoint
+                         path: Path | str,              # The file it came from, which errors name
+                         learn: Learner | None = None,  # Its callbacks check their own states; None skips that
+                         ) -> None:
     "Validate the whole structure of a training checkpoint's state; raise `CorruptCheckpointError` naming `path` if it is not usable."
     _expect(isinstance(state, dict) and state.get('kind') == 'training', path, 'the state', "a dict with kind 'training'", state)
     _expect(_is_index(state.get('format_version')), path, 'format_version', 'a whole number', state.get('format_version'))
@@ -690,7 +731,9 @@ def check_training_state(state: Any, path: Path | str, learn: Learner | None = N
                                                  f"is not one it can load ({e})") from e
 
 # %% ../nbs/06_checkpoint.ipynb #25210b91
-def apply_model_state(learn: Learner, state: dict) -> None:
+def apply_model_state(learn: Learner,  # The learner to resume
+                      state: dict,     # A training state from `resume_state` (with its `path`)
+                      ) -> None:
     "Stage 1 of a resume: model and optimizer, both checked against the learner before either changes."
     source = state['path']
     _refuse_model(_model_problems(learn.model, state['model'], source), source)
@@ -709,7 +752,9 @@ def apply_model_state(learn: Learner, state: dict) -> None:
                       f"depend on the run's length will differ from the original run")
 
 # %% ../nbs/06_checkpoint.ipynb #df0d76f8
-def apply_callback_states(learn: Learner, state: dict) -> None:
+def apply_callback_states(learn: Learner,  # The learner to resume, after its callbacks' `before_fit`
+                          state: dict,     # A training state from `resume_state` (with its `path`)
+                          ) -> None:
     "Stage 2 of a resume (after `before_fit`): callback states and the grad scaler."
     saved = dict(state['callbacks'])
     for name, cb in _named_callbacks(learn):
@@ -741,7 +786,10 @@ def new_run_id() -> str:
     return os.urandom(4).hex()
 
 # %% ../nbs/06_checkpoint.ipynb #4d0cb63d
-def checkpoint_name(position: dict, train_iter: int, run: str | None = None) -> str:
+def checkpoint_name(position: dict,          # Where the run continues: {'epoch', 'iter', 'phase'}
+                    train_iter: int,         # Training steps done so far
+                    run: str | None = None,  # The run's id (8 hex digits); None leaves it out of the name
+                    ) -> str:
     "The file name of run `run`'s checkpoint at `position` after `train_iter` training steps."
     phase = position['phase']
     if phase == 'train': at = f"epoch{position['epoch']:04d}-batch{position['iter']}"
@@ -758,7 +806,8 @@ class CheckpointFile(NamedTuple):
     problem: str | None        # None when its name and header are valid (its data is verified only when loaded)
 
 # %% ../nbs/06_checkpoint.ipynb #beb955e7
-def scan_checkpoints(folder: str | Path) -> list[CheckpointFile]:
+def scan_checkpoints(folder: str | Path,  # The folder to scan; a missing folder gives []
+                     ) -> list[CheckpointFile]:
     "Every entry of `folder` named like a checkpoint, oldest written first; headers are read and checked, tensors are not."
     folder, found = Path(folder), []
     if not folder.is_dir(): return found
@@ -783,7 +832,9 @@ def scan_checkpoints(folder: str | Path) -> list[CheckpointFile]:
     return [f for *_, f in sorted(found)]
 
 # %% ../nbs/06_checkpoint.ipynb #d1da6004
-def list_checkpoints(folder: str | Path, run: str | None = None) -> list[Path]:
+def list_checkpoints(folder: str | Path,      # The folder to list; a missing folder gives []
+                     run: str | None = None,  # A run's id: that run's checkpoints only; None: every run's
+                     ) -> list[Path]:
     "The checkpoint files in `folder` (of run `run` only, if given), oldest written first."
     return [f.path for f in scan_checkpoints(folder)
             if _NAME.match(f.path.name) and f.path.is_file() and (run is None or f.run == run)]
@@ -799,7 +850,8 @@ def _training_state_from(learn: Learner, path: Path) -> dict:
     return state
 
 # %% ../nbs/06_checkpoint.ipynb #ac51a4cb
-def check_resume(resume: Any) -> None:
+def check_resume(resume: Any,  # None, 'last', or a checkpoint's path (a str or os.PathLike)
+                 ) -> None:
     "Raise TypeError unless `resume` is None, 'last' or a path (`fit` checks it before anything changes)."
     if resume is not None and (isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike))):
         raise TypeError(f"resume must be None (start fresh), 'last' (the newest checkpoint in the CheckpointCallback's "
@@ -807,7 +859,9 @@ def check_resume(resume: Any) -> None:
                         f"({type(resume).__name__})")
 
 # %% ../nbs/06_checkpoint.ipynb #10e9ced5
-def resume_state(learn: Learner, resume: str | os.PathLike) -> dict | None:
+def resume_state(learn: Learner,             # The learner to resume; its `CheckpointCallback` gives the folder
+                 resume: str | os.PathLike,  # 'last' (the newest checkpoint that verifies) or a checkpoint's path
+                 ) -> dict | None:
     """The training state to resume from: `'last'` (newest written that verifies in the checkpoint folder) or a path.
     With several processes rank 0 picks the file and every process loads it (a folder they share) and takes its
     own part; another number of processes than wrote it continues, with a warning that it is not bit-exact."""
@@ -886,7 +940,8 @@ def _starts_like_checkpoint(p: Path) -> bool:
     except OSError: return False
     return len(head) < 9 or head[8:9] == b'{'
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+def remove_stale_temporaries(folder: str | Path,  # The checkpoint folder; a missing one is left alone
+                             ) -> list[Path]:
     "Delete the temporary files of interrupted checkpoint writes in `folder` (of processes no longer running, or this one)."
     removed = []
     folder = Path(folder)
@@ -904,9 +959,16 @@ class CheckpointCallback(MonitorCallback):
     With several processes it runs in all of them (each contributes its part of every checkpoint) and rank 0 writes."""
     order = 90
 
-    def __init__(self, dir: str | Path = 'checkpoints', every_n_epochs: int | None = 1, every_n_steps: int | None = None,
-                 keep_last: int | None = 3, monitor: str = 'valid_loss', mode: str = 'min', save_best: bool = True,
-                 save_on_interrupt: bool = True):
+    def __init__(self,
+                 dir: str | Path = 'checkpoints',   # Where checkpoints go; a relative path is under `learn.path`
+                 every_n_epochs: int | None = 1,    # Write one after every n-th epoch and the last; None: the last only
+                 every_n_steps: int | None = None,  # Also write one every n training steps; None: not by steps
+                 keep_last: int | None = 3,         # How many of this run's newest checkpoints to keep; None: all
+                 monitor: str = 'valid_loss',       # The history key that picks `best.safetensors`
+                 mode: str = 'min',                 # 'min' or 'max': whether a lower or a higher `monitor` is better
+                 save_best: bool = True,            # Keep the best epoch's checkpoint as `best.safetensors`
+                 save_on_interrupt: bool = True,    # Write one more checkpoint when Ctrl-C or SIGTERM stops the fit
+                 ):
         super().__init__(monitor, mode)
         for n, v in (('every_n_epochs', every_n_epochs), ('every_n_steps', every_n_steps), ('keep_last', keep_last)):
             if v is not None and (not isinstance(v, int) or v < 1): raise ValueError(f'{n} must be None or a whole number >= 1, got {v!r}')
@@ -914,7 +976,9 @@ class CheckpointCallback(MonitorCallback):
         self.save_best, self.save_on_interrupt = save_best, save_on_interrupt
         self.last_path, self.run = None, None
 
-    def folder(self, learn: Learner) -> Path:
+    def folder(self,
+               learn: Learner,  # The learner whose `path` a relative `dir` is under
+               ) -> Path:
         "The folder checkpoints go to."
         return self.dir if self.dir.is_absolute() else learn.path / self.dir
 
@@ -976,7 +1040,11 @@ class CheckpointCallback(MonitorCallback):
             print(f'nbloop: {learn.interrupted} received; saved checkpoint {path}. '
                   f"Continue with learn.{learn.state.fit_method}(..., resume='last').", file=sys.stderr, flush=True)
 
-    def save(self, learn: Learner, position: dict, rng: dict | None = None) -> Path | None:
+    def save(self,
+             learn: Learner,           # The learner being fit
+             position: dict,           # Where the fit continues: {'epoch', 'iter', 'phase'}
+             rng: dict | None = None,  # Random states as `learn.capture_rng()` gives them; None: capture now
+             ) -> Path | None:
         """Write a training checkpoint for `position` now, then rotate this run's old ones away. With several
         processes every one calls it, and rank 0 writes (the others get None)."""
         folder = self.folder(learn)
@@ -1009,7 +1077,9 @@ class CheckpointCallback(MonitorCallback):
     def state_dict(self) -> dict:
         return {'best': self.best, 'best_epoch': self.best_epoch, 'run': self.run}
 
-    def check_state_dict(self, state: Any) -> None:
+    def check_state_dict(self,
+                         state: Any,  # A state as `state_dict` returns it, e.g. read from a checkpoint
+                         ) -> None:
         "Raise ValueError unless `state` is one `load_state_dict` accepts."
         ok = (isinstance(state, dict) and {'best', 'best_epoch'} <= set(state)
               and (state['best'] is None or type(state['best']) in (int, float))
@@ -1018,7 +1088,9 @@ class CheckpointCallback(MonitorCallback):
         if not ok: raise ValueError(f"expected {{'best': number or None, 'best_epoch': int or None, 'run': 8 hex digits}}, "
                                     f"found {_short(state)}")
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self,
+                        state: dict,  # A state as `state_dict` returns it (checked first)
+                        ) -> None:
         self.check_state_dict(state)
         self.remember(state['best'], state['best_epoch'])
         self.run = state.get('run') or self.run     # checkpoints from before run ids: this fit's new id
@@ -1047,7 +1119,10 @@ class Table(list):
         return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 # %% ../nbs/06_checkpoint.ipynb #aa4dd27b
-def compare_checkpoints(learn: Learner, dir: str | Path = 'checkpoints', run: str | None = None) -> tuple[Table, Figure]:
+def compare_checkpoints(learn: Learner,                   # The learner that evaluates them; it is left as it was
+                        dir: str | Path = 'checkpoints',  # The checkpoint folder; a relative one is under `learn.path`
+                        run: str | None = None,           # The run to compare (its id); None: the newest checkpoint's
+                        ) -> tuple[Table, Figure]:
     "Evaluate a run's kept checkpoints (default: the newest run's) on the validation set: a table and a plot."
     folder = Path(dir) if Path(dir).is_absolute() else learn.path / dir
     files = [f for f in scan_checkpoints(folder) if _NAME.match(f.path.name) and f.path.is_file()]

@@ -85,7 +85,8 @@ class CancelFitException(Exception):
 # %% ../nbs/00_core.ipynb #67ca8d8e
 EVENT_PREFIXES = ('before_', 'after_')
 
-def camel_to_snake(name: str) -> str:
+def camel_to_snake(name: str,   # A `CamelCase` name, such as a class name
+                   ) -> str:
     "Convert `CamelCase` to `camel_case`."
     s = re.sub(r'(.)([A-Z][a-z]+)', r'\1_\2', name)
     return re.sub(r'([a-z0-9])([A-Z])', r'\1_\2', s).lower()
@@ -128,7 +129,8 @@ FOREIGN_HOOKS = {
     'on_before_optimizer_step': 'before_step', 'on_step_end': 'after_step', 'on_before_zero_grad': 'after_step',
 }
 
-def event_methods(cb: Callback) -> dict[Event, Callable]:
+def event_methods(cb: Callback,   # The callback whose methods are checked and listed
+                  ) -> dict[Event, Callable]:
     """The bound event methods of `cb`. A `before_*`/`after_*` method that is no event, or a method one typo away
     from an event (`afer_batch`), is an error; a method named like another library's hook (`on_epoch_end`) is never
     called, and a warning says which event to use instead."""
@@ -158,7 +160,10 @@ def event_methods(cb: Callback) -> dict[Event, Callable]:
 # %% ../nbs/00_core.ipynb #a5145be8
 class FunctionCallback(Callback):
     "Wrap a plain function `fn(learn, event)` called at every event."
-    def __init__(self, fn: Callable, order: int = 0):
+    def __init__(self,
+                 fn: Callable,     # A function `fn(learn, event)`, called at every event
+                 order: int = 0,   # Where it runs among the callbacks: lower runs first
+                 ):
         self.fn, self.order = fn, order
 
     @property
@@ -171,7 +176,8 @@ class FunctionCallback(Callback):
     def __repr__(self): return f'FunctionCallback({self.name})'
 
 # %% ../nbs/00_core.ipynb #b92ff962
-def as_callback(cb: Callback | Callable | type) -> Callback:
+def as_callback(cb: Callback | Callable | type,   # A `Callback`, a `Callback` class, or a function `fn(learn, event)`
+                ) -> Callback:
     "Turn `cb` (a `Callback`, a `Callback` class, or a function `fn(learn, event)`) into a `Callback`."
     if isinstance(cb, type) and issubclass(cb, Callback): cb = cb()
     if isinstance(cb, Callback): return cb
@@ -179,12 +185,15 @@ def as_callback(cb: Callback | Callable | type) -> Callback:
     raise CallbackError(f"callbacks must be Callback instances or functions fn(learn, event); got {cb!r}")
 
 # %% ../nbs/00_core.ipynb #fb9f9aa3
-def handlers_of(cb: Callback) -> dict[Event, Callable]:
+def handlers_of(cb: Callback,   # A callback (see `as_callback`)
+                ) -> dict[Event, Callable]:
     "The event handlers of `cb`: its event methods, or every event for a `FunctionCallback`."
     return cb.handlers() if isinstance(cb, FunctionCallback) else event_methods(cb)
 
 # %% ../nbs/00_core.ipynb #8c0e61a8
-def build_dispatch(cbs: Iterable[Callback], main_process: bool = True) -> dict[str, list[Callable]]:
+def build_dispatch(cbs: Iterable[Callback],     # The callbacks, in the order added (which breaks ties of `order`)
+                   main_process: bool = True,   # Whether this is the main process; False drops `main_process_only` ones
+                   ) -> dict[str, list[Callable]]:
     """A table from each event (as a plain `str`, the fastest dict key) to the handlers of `cbs`, sorted by `order`
     (stable); outside the main process, callbacks that are `main_process_only` are left out."""
     table: dict[Event, list[tuple[int, int, Callable]]] = {}
@@ -196,24 +205,35 @@ def build_dispatch(cbs: Iterable[Callback], main_process: bool = True) -> dict[s
 # %% ../nbs/00_core.ipynb #063ac8ca
 class MonitorCallback(Callback):
     "Base for callbacks that watch `monitor` in the history, in direction `mode`, and keep its best value and epoch."
-    def __init__(self, monitor: str = 'valid_loss', mode: str = 'min', min_delta: float = 0.):
+    def __init__(self,
+                 monitor: str = 'valid_loss',   # The history column to watch: 'valid_loss' or a metric's name
+                 mode: str = 'min',             # 'min' when lower is better, 'max' when higher is
+                 min_delta: float = 0.,         # How much a value must beat the best by to count (sign ignored)
+                 ):
         if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if not isinstance(monitor, str): raise TypeError(f'monitor must be the name of a history column, got {monitor!r}')
         self.monitor, self.mode, self.min_delta = monitor, mode, abs(min_delta)
         self.best, self.best_epoch = None, None
 
-    def monitored(self, learn) -> float | None:
+    def monitored(self,
+                  learn,   # The learner: its `recorder.history` and `epoch` are read
+                  ) -> float | None:
         "The monitored value of the epoch that just ended, or None when the history has no such column for it."
         row = learn.recorder.history[-1] if learn.recorder.history else {}
         return row.get(self.monitor) if row.get('epoch') == learn.epoch else None
 
-    def improved(self, value: float | None) -> bool:
+    def improved(self,
+                 value: float | None,   # The monitored value; None or NaN never improves
+                 ) -> bool:
         "Whether `value` beats the best so far by more than `min_delta` (None and NaN never do)."
         if value is None or value != value: return False
         if self.best is None: return True
         return value < self.best - self.min_delta if self.mode == 'min' else value > self.best + self.min_delta
 
-    def remember(self, value: float, epoch: int) -> None:
+    def remember(self,
+                 value: float,   # The new best value
+                 epoch: int,     # The epoch that reached it
+                 ) -> None:
         "Keep `value` as the best, reached at `epoch`."
         self.best, self.best_epoch = value, epoch
 
@@ -225,7 +245,11 @@ class RunState:
 
     def __init__(self): self.reset()
 
-    def reset(self, n_epochs: int = 0, total_steps: int | None = None, fit_method: str = 'fit') -> None:
+    def reset(self,
+              n_epochs: int = 0,                # How many epochs the fit runs
+              total_steps: int | None = None,   # Training batches of the whole fit; None when unknown
+              fit_method: str = 'fit',          # The learner method running the fit ('fit', 'fit_one_cycle', 'lr_find')
+              ) -> None:
         "Start a new fit of `n_epochs` epochs (`total_steps` training batches, None when unknown)."
         self.epoch = self.iter = self.train_iter = 0
         self.n_epochs, self.total_steps, self.fit_method = n_epochs, total_steps, fit_method
@@ -249,12 +273,16 @@ class RunState:
         "Where a stop now continues: after this training batch, or (in validation) at this epoch's validation."
         return self.after_batch_position() if self.training else {'epoch': self.epoch, 'iter': 0, 'phase': 'valid'}
 
-    def state_dict(self, position: dict) -> dict:
+    def state_dict(self,
+                   position: dict,   # Where the fit continues: `{'epoch', 'iter', 'phase'}`, e.g. `position_now()`
+                   ) -> dict:
         "What a checkpoint stores to continue this fit at `position`."
         return {'position': dict(position), 'train_iter': self.train_iter, 'n_epochs': self.n_epochs,
                 'total_steps': self.total_steps, 'row': dict(self.row)}
 
-    def load_state_dict(self, state: dict) -> dict:
+    def load_state_dict(self,
+                        state: dict,   # What `state_dict` returned (from a checkpoint)
+                        ) -> dict:
         "Continue from a checkpoint's `state_dict`; returns its position."
         self.train_iter = state['train_iter']
         self.row = dict(state.get('row') or {})
@@ -265,7 +293,9 @@ class RunState:
         "All counters, to put back with `restore` (for `lr_find`)."
         return {**{k: getattr(self, k) for k in self.names}, 'row': dict(self.row)}
 
-    def restore(self, saved: dict) -> None:
+    def restore(self,
+                saved: dict,   # What `snapshot` returned
+                ) -> None:
         for k, v in saved.items(): setattr(self, k, v)
 
 # %% ../nbs/00_core.ipynb #8d5c6c88
@@ -277,7 +307,9 @@ def default_device() -> torch.device:
     return torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #9412e64b
-def to_device(items: Any, device: torch.device) -> Any:
+def to_device(items: Any,             # A tensor, or nested tuples, lists and dicts of them; anything else stays as is
+              device: torch.device,   # The device to move the tensors to
+              ) -> Any:
     "Move the tensors in `items` (nested tuples, lists and dicts) to `device`, asynchronously where possible."
     if isinstance(items, torch.Tensor):
         return items if items.device == device else items.to(device, non_blocking=True)
@@ -290,7 +322,8 @@ class BatchError(TypeError):
     "A batch is not `(x, y)` or `(*xs, y)`."
 
 # %% ../nbs/00_core.ipynb #697e25e8
-def describe(obj: Any) -> str:
+def describe(obj: Any,   # Anything; tensors, tuples and lists are described in detail
+             ) -> str:
     "A short description of `obj` for error messages: shape and dtype for tensors."
     if isinstance(obj, torch.Tensor): return f'tensor of shape {tuple(obj.shape)} and dtype {obj.dtype}'
     if isinstance(obj, (tuple, list)):
@@ -299,7 +332,9 @@ def describe(obj: Any) -> str:
     return f'{type(obj).__name__}'
 
 # %% ../nbs/00_core.ipynb #bcedcca9
-def split_batch(batch: Any, source: str = 'the dataloader') -> tuple[tuple, tuple]:
+def split_batch(batch: Any,                       # What a dataloader yielded: `(x, y)` or `(*xs, y)`
+                source: str = 'the dataloader',   # Where the batch came from, named in the error message
+                ) -> tuple[tuple, tuple]:
     "Split `batch` into `(xb, yb)` tuples: inputs and the target; raise `BatchError` if it is not `(x, y)`/`(*xs, y)`."
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise BatchError(f"{source} yielded a batch that is a {describe(batch)}; a batch is (x, y) or "
@@ -307,7 +342,10 @@ def split_batch(batch: Any, source: str = 'the dataloader') -> tuple[tuple, tupl
     return tuple(batch[:-1]), (batch[-1],)
 
 # %% ../nbs/00_core.ipynb #abc25f83
-def check_state(state: Any, owner: str, **expected: type | tuple | Callable[[Any], bool]) -> None:
+def check_state(state: Any,                                         # The state to check, as `load_state_dict` gets it
+                owner: str,                                         # Whose it is (e.g. a class name), for the message
+                **expected: type | tuple | Callable[[Any], bool],   # Each key: a type (or tuple) or a test `fn(value)`
+                ) -> None:  # Nothing: a bad state raises `ValueError`
     "Raise `ValueError` unless `state` is a dict with each key of `expected`, of that type (or passing that test)."
     if not isinstance(state, dict): raise ValueError(f'the state of {owner} must be a dict, not a {describe(state)}')
     for key, kind in expected.items():
@@ -324,7 +362,8 @@ def get_rng_state() -> dict:
     return state
 
 # %% ../nbs/00_core.ipynb #41992eb6
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict,   # What `get_rng_state` returned
+                  ) -> None:
     "Restore random generator states captured by `get_rng_state`."
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
@@ -334,10 +373,16 @@ def set_rng_state(state: dict) -> None:
 # %% ../nbs/00_core.ipynb #00a505bd
 class DebiasedEMA:
     "Exponential moving average with bias correction: call it with each new value, it returns the smoothed one."
-    def __init__(self, beta: float = 0.98, avg: float = 0., n: int = 0):
+    def __init__(self,
+                 beta: float = 0.98,   # The weight the average keeps at each new value: closer to 1 smooths more
+                 avg: float = 0.,      # The average so far, before bias correction (to continue a saved one)
+                 n: int = 0,           # How many values the average has seen (to continue a saved one)
+                 ):
         self.beta, self.avg, self.n = beta, avg, n
 
-    def __call__(self, value: float) -> float:
+    def __call__(self,
+                 value: float,   # The next value of the series
+                 ) -> float:
         self.n += 1
         self.avg = self.beta * self.avg + (1 - self.beta) * value
         return self.avg / (1 - self.beta ** self.n)
@@ -345,7 +390,8 @@ class DebiasedEMA:
 # %% ../nbs/00_core.ipynb #863751e2
 _ShownFigure = None
 
-def new_figure(**kwargs: Any):
+def new_figure(**kwargs: Any,   # Passed to matplotlib's `Figure`: `figsize`, `layout`, ...
+               ):
     "A matplotlib `Figure` (outside pyplot) that displays itself as a PNG in notebooks."
     global _ShownFigure
     if _ShownFigure is None:
@@ -380,7 +426,8 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 # %% ../nbs/00_core.ipynb #efe8bbda
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module,   # A model, maybe wrapped in (Distributed)DataParallel and/or `torch.compile`
+                 ) -> torch.nn.Module:
     """The plain model inside its wrappers: DistributedDataParallel / DataParallel (`.module`) and `torch.compile`
     (`._orig_mod`), in any nesting, so that checkpoints hold the plain keys and load into any learner."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel

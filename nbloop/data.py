@@ -30,8 +30,11 @@ def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(data[:, 64])
 
 # %% ../nbs/08_data.ipynb #8c2ccaab
-def load_digits(batch_size: int = 64, valid_pct: float = 0.2, seed: int = 42,
-                num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+def load_digits(batch_size: int = 64,    # Training batch size; validation batches are twice as large
+                valid_pct: float = 0.2,  # Fraction of the digits held out for validation, strictly between 0 and 1
+                seed: int = 42,          # Seed of the random split (the same seed gives the same split)
+                num_workers: int = 0,    # Worker processes of each DataLoader; 0 loads in the main process
+                ) -> tuple[DataLoader, DataLoader]:
     "The digits as `(train_dl, valid_dl)`: a fixed random split (by `seed`), shuffled training batches."
     if not 0 < valid_pct < 1: raise ValueError(f'valid_pct must be between 0 and 1, got {valid_pct}')
     x, y = digits_arrays()
@@ -81,7 +84,8 @@ class _ReplaySampler:
 _LOADER_ARGS = ('num_workers', 'collate_fn', 'pin_memory', 'timeout', 'worker_init_fn', 'multiprocessing_context',
                 'generator', 'persistent_workers', 'pin_memory_device', 'in_order')
 
-def is_replayable(dl: Any) -> bool:
+def is_replayable(dl: Any,  # A dataloader, or any iterable of batches
+                  ) -> bool:
     "Whether `dl` is a `DataLoader` over a map-style dataset, so that epochs can be planned and replayed."
     return isinstance(dl, DataLoader) and not isinstance(dl.dataset, IterableDataset)
 
@@ -89,7 +93,12 @@ def is_replayable(dl: Any) -> bool:
 class EpochPlan:
     """Iterate `dl` one epoch at a time, from any batch position, replaying a planned order for map-style DataLoaders.
     With several processes (`runtime` of world size > 1) every process takes its share of one global order."""
-    def __init__(self, dl: Iterable, name: str = 'train_dl', runtime: Any = None, pad: bool = True):
+    def __init__(self,
+                 dl: Iterable,            # A DataLoader, or any iterable of batches
+                 name: str = 'train_dl',  # What messages and warnings call it
+                 runtime: Any = None,     # `learn.runtime` (`rank`, `world_size`, `broadcast`); None: one process
+                 pad: bool = True,        # Pad the order by wrapping around, so all processes get as many batches
+                 ):
         self.dl, self.name, self.pad = dl, name, pad
         self.rank, self.world_size = (runtime.rank, runtime.world_size) if runtime is not None else (0, 1)
         self._share = runtime.broadcast if runtime is not None else (lambda obj: obj)
@@ -169,7 +178,9 @@ class EpochPlan:
         try: return len(self)
         except TypeError: return None
 
-    def iterate(self, start: int = 0) -> Iterator:
+    def iterate(self,
+                start: int = 0,  # The epoch's batch to start at (0-based); batches before it are not loaded
+                ) -> Iterator:
         "An iterator over this epoch's batches from batch `start` on (batches before it are not loaded)."
         if self.replayable:
             if self.batches is None: self.plan_epoch()
@@ -207,7 +218,10 @@ class EpochPlan:
                 'indices': torch.tensor(flat, dtype=torch.int64),
                 'lengths': torch.tensor([len(b) for b in self.batches] if nested else [], dtype=torch.int64)}
 
-    def load_state_dict(self, state: dict, start: int = 0) -> int:
+    def load_state_dict(self,
+                        state: dict,     # A plan as `state_dict` returns it, e.g. read from a checkpoint
+                        start: int = 0,  # The batch the saved run continues at
+                        ) -> int:
         """Restore a planned epoch saved by `state_dict`, to continue at batch `start`; returns the batch to continue
         at. A plan written by another number of processes is re-split: the rest of its global order (from the first
         sample no process had reached) is divided among this run's processes, which start at their batch 0."""
@@ -255,7 +269,8 @@ def _dataset_size(dl: DataLoader) -> int | None:
     except TypeError: return None
 
 # %% ../nbs/08_data.ipynb #360fe81e
-def data_generators(*dls: Any) -> list[torch.Generator]:
+def data_generators(*dls: Any,  # Dataloaders; anything that is not a DataLoader is skipped
+                    ) -> list[torch.Generator]:
     """The `torch.Generator`s that the dataloaders' orders and worker seeds are drawn from: a DataLoader's own
     `generator=`, its sampler's and its batch sampler's (deduplicated, in a fixed order). Checkpoints save their
     states, so that resuming keeps the data order of later epochs exact."""

@@ -27,7 +27,8 @@ def digits_cnn() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
 
 # %% ../nbs/11_demo.ipynb #cbeec187
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None,  # Arguments such as `['--epochs', '4']`; None reads `sys.argv[1:]`
+         ) -> dict:
     "Train `digits_cnn` with one-cycle on the digits and print the per-epoch table and the final metrics."
     ap = argparse.ArgumentParser(prog='python -m nbloop.demo', description=main.__doc__)
     ap.add_argument('--epochs', type=int, default=8)

@@ -86,10 +86,19 @@ _LOOP_LAYOUT = [
 # %% ../nbs/09_learner.ipynb #48a323e8
 class Learner:
     "Train `model` on `train_dl` (validating on `valid_dl`) with callbacks; see the module docs for the loop."
-    def __init__(self, model: nn.Module, train_dl: Iterable, valid_dl: Iterable | None = None,
-                 loss_func: Callable = F.cross_entropy, opt_func: Callable = torch.optim.AdamW, lr: float = 1e-3,
-                 metrics: Sequence = (), cbs: Sequence = (), device: str | torch.device | None = None,
-                 path: str | Path = '.', compile: bool = False):
+    def __init__(self,
+                 model: nn.Module,                          # The model to train; moved to `device`
+                 train_dl: Iterable,                        # Re-iterable batches `(x, y)` or `(*xs, y)` to train on
+                 valid_dl: Iterable | None = None,          # Batches validated after each epoch; None: no validation
+                 loss_func: Callable = F.cross_entropy,     # `loss_func(pred, *targets)`, returning a scalar tensor
+                 opt_func: Callable = torch.optim.AdamW,    # Makes the optimizer: `opt_func(parameters, lr=lr)`
+                 lr: float = 1e-3,                          # The learning rate to start with (> 0)
+                 metrics: Sequence = (),                    # Validation metrics: functions, `EpochMetric`s, objects
+                 cbs: Sequence = (),                        # Callbacks for every fit (instances, classes, functions)
+                 device: str | torch.device | None = None,  # None: CUDA (`cuda:LOCAL_RANK` under torchrun), MPS, CPU
+                 path: str | Path = '.',                    # Base folder of relative save names, checkpoints and logs
+                 compile: bool = False,                     # `torch.compile` the model (checkpoints keep plain keys)
+                 ):
         if not isinstance(model, nn.Module):
             raise TypeError(f'model must be a torch.nn.Module; got {describe(model)}')
         if train_dl is None: raise TypeError('train_dl is required: an iterable of (x, y) batches')
@@ -134,7 +143,9 @@ class Learner:
     def metrics(self, metrics: Sequence) -> None: self.recorder.metrics = metrics
 
     # -- callbacks ------------------------------------------------------------------------------------------
-    def add_cbs(self, cbs: Iterable) -> list[Callback]:
+    def add_cbs(self,
+                cbs: Iterable,  # Instances, `Callback` classes (instantiated), or functions `fn(learn, event)`
+                ) -> list[Callback]:
         "Add callbacks (instances, classes, or functions `fn(learn, event)`); returns them as `Callback`s."
         added = [as_callback(cb) for cb in cbs]
         for cb in added: handlers_of(cb)          # rejects misspelt event methods now, not mid-training
@@ -142,33 +153,45 @@ class Learner:
         self._dispatch = build_dispatch(self.cbs, self.runtime.is_main)
         return added
 
-    def add_cb(self, cb) -> Callback:
+    def add_cb(self,
+               cb,  # A `Callback` instance, a `Callback` class (instantiated), or a function `fn(learn, event)`
+               ) -> Callback:
         "Add one callback."
         return self.add_cbs([cb])[0]
 
-    def remove_cbs(self, cbs: Iterable) -> None:
+    def remove_cbs(self,
+                   cbs: Iterable,  # Instances to remove, or classes whose every instance goes; absent ones are fine
+                   ) -> None:
         "Remove callbacks, given as instances or classes."
         for cb in list(cbs):
             self.cbs = [c for c in self.cbs if not (c is cb or (isinstance(cb, type) and isinstance(c, cb)))]
         self._dispatch = build_dispatch(self.cbs, self.runtime.is_main)
 
-    def remove_cb(self, cb) -> None:
+    def remove_cb(self,
+                  cb,  # An instance to remove, or a class whose every instance goes; absent is fine
+                  ) -> None:
         "Remove a callback (an instance, or every instance of a class)."
         self.remove_cbs([cb])
 
-    def get_cb(self, cls: type) -> Callback | None:
+    def get_cb(self,
+               cls: type,  # The callback class to look for (subclasses match too)
+               ) -> Callback | None:
         "The first callback that is an instance of `cls`, or None."
         return next((c for c in self.cbs if isinstance(c, cls)), None)
 
     @contextlib.contextmanager
-    def added_cbs(self, cbs: Iterable):
+    def added_cbs(self,
+                  cbs: Iterable,  # Callbacks as `add_cbs` takes them; the block gets them as `Callback`s
+                  ):
         "Add callbacks for the duration of a `with` block."
         added = self.add_cbs(cbs)
         try: yield added
         finally: self.remove_cbs(added)
 
     @contextlib.contextmanager
-    def removed_cbs(self, cbs: Iterable):
+    def removed_cbs(self,
+                    cbs: Iterable,  # Instances, or classes whose every instance goes, for the block
+                    ):
         "Remove callbacks for the duration of a `with` block, then put them back where they were."
         saved = list(self.cbs)
         self.remove_cbs(cbs)
@@ -202,7 +225,9 @@ class Learner:
         if finish is not None: finish()
         self._fire(after)
 
-    def defer(self, fn: Callable[[], Any]) -> None:
+    def defer(self,
+              fn: Callable[[], Any],  # Called with no arguments after the event's last handler
+              ) -> None:
         "Call `fn()` once every handler of the event being fired has run (also when one cancelled), whatever the orders."
         self._deferred.append(fn)
 
@@ -235,7 +260,9 @@ class Learner:
         state['generators'] = [g.get_state() for g in self._generators()]
         return state
 
-    def restore_rng(self, state: dict) -> None:
+    def restore_rng(self,
+                    state: dict,  # What `capture_rng` returned (or a checkpoint's `rng`)
+                    ) -> None:
         "Restore what `capture_rng` returned: the global generators, then the data pipeline's."
         set_rng_state(state)
         saved, gens = state.get('generators', []), self._generators()
@@ -245,7 +272,12 @@ class Learner:
         for g, s in zip(gens, saved): g.set_state(s)
 
     # -- the loop ---------------------------------------------------------------------------------------------
-    def fit(self, n_epochs: int, lr: float | None = None, cbs: Sequence = (), resume: str | Path | None = None) -> None:
+    def fit(self,
+            n_epochs: int,                     # How many epochs to train (a whole number >= 0)
+            lr: float | None = None,           # A learning rate for this and later fits; None keeps the current one
+            cbs: Sequence = (),                # Callbacks added for this call only
+            resume: str | Path | None = None,  # None, 'last' (the newest checkpoint) or a checkpoint path to resume
+            ) -> None:
         "Train for `n_epochs`; `cbs` are added for this call only; `resume` is None, 'last' or a checkpoint path."
         self._check_fit_args(n_epochs, resume)
         if lr is not None:
@@ -264,7 +296,9 @@ class Learner:
             raise ValueError(f'n_epochs must be a whole number >= 0, got {n_epochs!r}')
         checkpoint.check_resume(resume)
 
-    def set_lr(self, lr: float) -> None:
+    def set_lr(self,
+               lr: float,  # The first parameter group's new learning rate (> 0)
+               ) -> None:
         "Set the learning rate of the first parameter group to `lr`; other groups keep their ratio to it."
         if not (isinstance(lr, (int, float)) and lr > 0): raise ValueError(f'lr must be a positive number, got {lr!r}')
         groups = self.opt.param_groups
@@ -535,9 +569,16 @@ class Learner:
             self._stop = None
 
     # -- conveniences -----------------------------------------------------------------------------------------
-    def fit_one_cycle(self, n_epochs: int, lr_max: float, div: float = 25., div_final: float = 1e5,
-                      pct_start: float = 0.25, moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
-                      cbs: Sequence = (), resume: str | Path | None = None) -> None:
+    def fit_one_cycle(self,
+                      n_epochs: int,                     # How many epochs to train; `train_dl` must have a len()
+                      lr_max: float,                     # The peak learning rate, reached after `pct_start` of training
+                      div: float = 25.,                  # The rate starts at `lr_max / div`
+                      div_final: float = 1e5,            # The rate ends at `lr_max / div_final`
+                      pct_start: float = 0.25,           # Fraction of the training steps spent warming up, in [0, 1)
+                      moms: tuple[float, float, float] = (0.95, 0.85, 0.95),  # Momentum (`beta1`): start, peak, end
+                      cbs: Sequence = (),                # Callbacks added for this call only
+                      resume: str | Path | None = None,  # None, 'last' (the newest checkpoint) or a checkpoint path
+                      ) -> None:
         "Train with the one-cycle policy: cosine warm-up to `lr_max`, cosine annealing; momentum the opposite way."
         self._check_fit_args(n_epochs, resume)
         n = self._batches_per_epoch()
@@ -547,7 +588,12 @@ class Learner:
         if has_momentum(self.opt.param_groups[0]): scheds.append(LRScheduler(mom_sched, 'momentum'))
         with self.added_cbs([*scheds, *cbs]): self._fit(n_epochs, resume, 'fit_one_cycle')
 
-    def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, stop_div: bool = True) -> LRFindResult:
+    def lr_find(self,
+                start_lr: float = 1e-7,  # The learning rate of the first batch (> 0)
+                end_lr: float = 10.,     # The learning rate of batch `num_it` (> `start_lr`)
+                num_it: int = 100,       # Training batches in the sweep (>= 2; crosses epochs if needed)
+                stop_div: bool = True,   # Stop early when the smoothed loss exceeds 4 times its minimum or is NaN
+                ) -> LRFindResult:
         "Sweep the learning rate exponentially over `num_it` training batches; afterwards the learner is exactly as before."
         self._check_fit_args(0, None)
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
@@ -574,7 +620,9 @@ class Learner:
                         if cb.runs_in_lr_find and hasattr(cb, 'state_dict')},
                 'counters': self.state.snapshot(), 'train_plan': self.train_plan}
 
-    def restore(self, saved: dict) -> None:
+    def restore(self,
+                saved: dict,  # What `snapshot` returned
+                ) -> None:
         "Put back what `snapshot` took (lr_find does, so that the learner is exactly as before)."
         self.model.load_state_dict(saved['model'])
         for p, g in zip(self.model.parameters(), saved['grads']): p.grad = g
@@ -587,7 +635,9 @@ class Learner:
         self.train_plan = saved['train_plan']
         self.restore_rng(saved['rng'])
 
-    def validate(self, dl: Iterable | None = None) -> dict[str, float]:
+    def validate(self,
+                 dl: Iterable | None = None,  # Batches `(x, y)` or `(*xs, y)` to evaluate on; None: `valid_dl`
+                 ) -> dict[str, float]:
         "Evaluate on `dl` (default: `valid_dl`): `{'valid_loss': ..., <metric>: ...}`."
         dl = self.valid_dl if dl is None else dl
         if dl is None: raise ValueError('validate needs a dataloader: pass dl=..., or create the Learner with a valid_dl')
@@ -596,7 +646,9 @@ class Learner:
         finally: self.model.train(was_training)
         return dict(self.recorder.values)
 
-    def get_preds(self, dl: Iterable | None = None) -> tuple[torch.Tensor | list, torch.Tensor | list]:
+    def get_preds(self,
+                  dl: Iterable | None = None,  # Batches `(x, y)` or `(*xs, y)` to predict on; None: `valid_dl`
+                  ) -> tuple[torch.Tensor | list, torch.Tensor | list]:
         """Predictions and targets on `dl` (default: `valid_dl`), on the CPU: concatenated tensors, or, when batches
         differ in shape beyond the first dimension (sequences of different lengths), lists of per-batch tensors."""
         dl = self.valid_dl if dl is None else dl
@@ -627,7 +679,9 @@ class Learner:
             out.append(_cat_or_list(order, what) if order else torch.empty(0))
         return out[0], out[1]
 
-    def predict(self, x: Any) -> Any:
+    def predict(self,
+                x: Any,  # A batch of inputs (`x[None]` for one example), or a tuple of them for several model inputs
+                ) -> Any:
         "The model's output on `x` as given (a batch; use `x[None]` for one example; a tuple feeds several inputs), in eval mode, without gradients."
         was_training = self.model.training
         self.model.eval()
@@ -636,11 +690,18 @@ class Learner:
             with torch.no_grad(), self.runtime.autocast(): return self.model(*xs)
         finally: self.model.train(was_training)
 
-    def save(self, name_or_path: str | Path, with_opt: bool = True) -> Path:
+    def save(self,
+             name_or_path: str | Path,  # A bare name (to `<path>/models/<name>.safetensors`) or a file path
+             with_opt: bool = True,     # Also save the optimizer's state
+             ) -> Path:
         "Save the model (and optimizer) state; a bare name goes to `<path>/models/<name>.safetensors`."
         return checkpoint.save_learner(self, name_or_path, with_opt=with_opt)
 
-    def load(self, name_or_path: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
+    def load(self,
+             name_or_path: str | Path,  # A bare name (from `<path>/models/<name>.safetensors`) or a file path
+             with_opt: bool = True,     # Also load the optimizer's state (a warning if the file has none)
+             strict: bool = True,       # Refuse a file whose keys or shapes differ; False loads what matches (warns)
+             ) -> Learner:
         "Load model (and optimizer) state saved by `save` or a `CheckpointCallback`, onto this learner's device."
         checkpoint.load_learner(self, name_or_path, with_opt=with_opt, strict=strict)
         return self
@@ -658,8 +719,14 @@ def _cat_or_list(tensors: list[torch.Tensor], what: str) -> torch.Tensor | list[
     return [t.cpu() for t in tensors]
 
 # %% ../nbs/09_learner.ipynb #93501b7e
-def synth_data(n: int = 128, n_features: int = 4, n_classes: int | None = None, batch_size: int = 16,
-               seed: int = 0, shuffle: bool = True, num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+def synth_data(n: int = 128,                    # Samples in all: the first 75% train, the rest validate
+               n_features: int = 4,             # Features per sample
+               n_classes: int | None = None,    # None: regression (float targets); else that many classes
+               batch_size: int = 16,            # Training batch size (validation batches are twice as large)
+               seed: int = 0,                   # Seed of the data's own generator
+               shuffle: bool = True,            # Shuffle the training set each epoch
+               num_workers: int = 0,            # `DataLoader` worker processes
+               ) -> tuple[DataLoader, DataLoader]:
     "A tiny synthetic problem: regression `y = x @ w + b` (n_classes=None) or linearly separable classes."
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, n_features, generator=g)
@@ -675,8 +742,14 @@ def synth_data(n: int = 128, n_features: int = 4, n_classes: int | None = None, 
 class _Squeeze(nn.Module):
     def forward(self, x): return x[:, 0]
 
-def synth_learner(n: int = 128, n_features: int = 4, n_classes: int | None = None, batch_size: int = 16,
-                  lr: float = 1e-2, seed: int = 0, **kwargs) -> Learner:
+def synth_learner(n: int = 128,                  # Samples in all (see `synth_data`)
+                  n_features: int = 4,           # Features per sample: the linear model's inputs
+                  n_classes: int | None = None,  # None: regression with MSE; else that many classes, cross-entropy
+                  batch_size: int = 16,          # Training batch size
+                  lr: float = 1e-2,              # The learning rate
+                  seed: int = 0,                 # Seeds the data and the model's initial weights
+                  **kwargs,                      # Passed to `Learner` (`device` defaults to 'cpu')
+                  ) -> Learner:                  # An untrained learner, on the CPU unless `device` is given
     "A `Learner` on `synth_data`: a linear model, MSE for regression or cross-entropy for classes."
     train, valid = synth_data(n, n_features, n_classes, batch_size, seed)
     torch.manual_seed(seed)

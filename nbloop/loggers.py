@@ -30,7 +30,10 @@ class CSVLogger(Callback):
     order = 70
     main_process_only = True
 
-    def __init__(self, path: str | Path = 'history.csv', append: bool = False):
+    def __init__(self,
+                 path: str | Path = 'history.csv',   # The CSV file; a relative path is relative to `learn.path`
+                 append: bool = False,               # Whether a new fit appends to the file instead of overwriting it
+                 ):
         self.path, self.append = Path(path), append
         self.file, self._pending = None, []
 
@@ -93,10 +96,14 @@ class CSVLogger(Callback):
         self._sync()
         return {'offset': self.file.tell()}
 
-    def check_state_dict(self, state: dict) -> None:
+    def check_state_dict(self,
+                         state: dict,   # A state as `state_dict` returns it (from a checkpoint, say)
+                         ) -> None:
         check_state(state, 'CSVLogger', offset=lambda v: v is None or isinstance(v, int) and v >= 0)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self,
+                        state: dict,   # What `state_dict` returned (from a checkpoint, say)
+                        ) -> None:
         self.check_state_dict(state)
         if state.get('offset') is None or self.file is None: return
         self.file.flush()
@@ -137,7 +144,9 @@ class TensorBoardLogger(Callback):
     order = 70
     main_process_only = True
 
-    def __init__(self, log_dir: str | Path = 'run/tensorboard/stats'):
+    def __init__(self,
+                 log_dir: str | Path = 'run/tensorboard/stats',   # Where run folders go; if relative, in `learn.path`
+                 ):
         self.log_dir = Path(log_dir)
         self.run_dir = None
         self.writers: dict = {}
@@ -213,11 +222,15 @@ class TensorBoardLogger(Callback):
         for w in self.writers.values(): w.flush()
         return {'run_dir': str(self.run_dir), 'step': self._learn.train_iter}
 
-    def check_state_dict(self, state: dict) -> None:
+    def check_state_dict(self,
+                         state: dict,   # A state as `state_dict` returns it (from a checkpoint, say)
+                         ) -> None:
         check_state(state, 'TensorBoardLogger', run_dir=(str, type(None)))
         if state['run_dir'] is not None: check_state(state, 'TensorBoardLogger', step=int)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self,
+                        state: dict,   # What `state_dict` returned (from a checkpoint, say)
+                        ) -> None:
         self.check_state_dict(state)
         if state.get('run_dir') is None: return
         for w in self.writers.values(): w.close()

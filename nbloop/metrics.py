@@ -51,10 +51,19 @@ class Metric:
     name: str = 'metric'
     running: bool = True     # whether progress displays may call `compute()` during validation
     def reset(self) -> None: raise NotImplementedError
-    def accumulate(self, learn) -> None: self.update(learn.pred, learn.yb[0])
-    def update(self, pred: torch.Tensor, targ: torch.Tensor) -> None: raise NotImplementedError
+    def accumulate(self,
+                   learn,   # The learner, after a validation batch: its `pred` and `yb` are read
+                   ) -> None:
+        self.update(learn.pred, learn.yb[0])
+    def update(self,
+               pred: torch.Tensor,   # The model's output for the batch (`learn.pred`)
+               targ: torch.Tensor,   # The batch's target (`learn.yb[0]`)
+               ) -> None:
+        raise NotImplementedError
     def compute(self) -> float: raise NotImplementedError
-    def sync(self, gather: Callable[[Any], list]) -> None:
+    def sync(self,
+             gather: Callable[[Any], list],   # A function: `gather(obj)` returns every process's `obj`, in rank order
+             ) -> None:
         """With several processes, combine every process's accumulated state before `compute` (the Recorder calls
         it at the end of validation); `gather(obj)` returns every process's `obj`. Subclasses that accumulate define
         it; this one warns that the value is this process's alone."""
@@ -64,18 +73,25 @@ class Metric:
     def __repr__(self): return f'{type(self).__name__}({self.name!r})'
 
 # %% ../nbs/01_metrics.ipynb #4141cd5f
-def batch_size_of(targ: Any) -> int:
+def batch_size_of(targ: Any,   # A target batch: a tensor (its first dimension counts) or a sequence
+                  ) -> int:
     "Number of samples in a target batch, read from its shape (no device sync)."
     return targ.shape[0] if isinstance(targ, torch.Tensor) and targ.ndim else len(targ)
 
 # %% ../nbs/01_metrics.ipynb #bfd40fbe
 class AvgMetric(Metric):
     "Average a function `fn(pred, targ) -> scalar` over all samples, weighting each batch by its size."
-    def __init__(self, fn: Callable, name: str | None = None):
+    def __init__(self,
+                 fn: Callable,              # `fn(pred, targ)` giving the batch's mean: a scalar tensor or a number
+                 name: str | None = None,   # The history column's name; None uses `fn`'s `__name__`
+                 ):
         self.fn, self.name = fn, name or getattr(fn, '__name__', type(fn).__name__)
         self.reset()
     def reset(self): self.total, self.count = 0., 0
-    def update(self, pred, targ):
+    def update(self,
+               pred,   # The model's output for the batch (`learn.pred`)
+               targ,   # The batch's target (`learn.yb[0]`)
+               ):
         n = batch_size_of(targ)
         value = self.fn(pred, targ)
         if isinstance(value, torch.Tensor):
@@ -91,21 +107,33 @@ class AvgMetric(Metric):
     def compute(self) -> float:
         # sync point: once per epoch
         return float(self.total / self.count) if self.count else math.nan
-    def sync(self, gather):
+    def sync(self,
+             gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
+             ):
         self.total, self.count = _summed(gather, float(self.total), int(self.count))
 
 # %% ../nbs/01_metrics.ipynb #66ce4c4f
 class ObjectMetric(Metric):
     "Use an object with `reset/update/compute` (e.g. a torchmetrics metric) as it is."
-    def __init__(self, obj: Any):
+    def __init__(self,
+                 obj: Any,  # An object with `reset()`, `update(pred, targ)` and `compute()`, e.g. a torchmetrics metric
+                 ):
         self.obj, self.name = obj, camel_to_snake(type(obj).__name__)
     def reset(self): self.obj.reset()
-    def update(self, pred, targ): self.obj.update(pred, targ)
-    def to(self, device):
+    def update(self,
+               pred,   # The model's output for the batch (`learn.pred`)
+               targ,   # The batch's target (`learn.yb[0]`)
+               ):
+        self.obj.update(pred, targ)
+    def to(self,
+           device,   # The device to move the object to (the learner's)
+           ):
         "Move the wrapped object to `device` if it can move."
         if hasattr(self.obj, 'to'): self.obj = self.obj.to(device) or self.obj
         return self
-    def sync(self, gather):
+    def sync(self,
+             gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order; not used
+             ):
         "Nothing to do: objects such as torchmetrics' metrics combine the processes' states themselves in `compute`."
     def compute(self) -> float:
         value = self.obj.compute()
@@ -114,11 +142,17 @@ class ObjectMetric(Metric):
 # %% ../nbs/01_metrics.ipynb #aabd01a2
 class CountMetric(Metric):
     "A ratio of integer counts: `counts(pred, targ) -> (hits, total)` summed on the device, divided once at the end."
-    def __init__(self, counts: Callable, name: str):
+    def __init__(self,
+                 counts: Callable,   # A function `counts(pred, targ) -> (hits, total)`: a batch's integer counts
+                 name: str,          # The history column's name
+                 ):
         self.counts, self.name = counts, name
         self.reset()
     def reset(self): self.hits = self.total = None
-    def update(self, pred, targ):
+    def update(self,
+               pred,   # The model's output for the batch (`learn.pred`)
+               targ,   # The batch's target (`learn.yb[0]`)
+               ):
         hits, total = self.counts(pred, targ)
         self.hits = hits if self.hits is None else self.hits + hits
         self.total = total if self.total is None else self.total + total
@@ -128,7 +162,9 @@ class CountMetric(Metric):
         if all(isinstance(c, torch.Tensor) for c in counts): counts = torch.stack(counts).tolist()  # sync point: once per epoch
         hits, total = counts
         return hits / total if total else math.nan    # Python ints: one correctly rounded float64 division
-    def sync(self, gather):
+    def sync(self,
+             gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
+             ):
         if self.hits is None: self.hits = self.total = 0         # no batches here: 0 of 0 (nan if none anywhere)
         self.hits, self.total = _summed(gather, int(self.hits), int(self.total))
 
@@ -136,16 +172,24 @@ class CountMetric(Metric):
 class EpochMetric(Metric):
     "Compute `fn(preds, targs)` once over the whole epoch's predictions and targets, gathered on the device."
     running = False          # computing over everything gathered so far would cost too much to show while running
-    def __init__(self, fn: Callable, name: str | None = None):
+    def __init__(self,
+                 fn: Callable,              # `fn(preds, targs)` of all the epoch's predictions and targets: a number
+                 name: str | None = None,   # The history column's name; None uses `fn`'s `__name__`
+                 ):
         self.fn, self.name = fn, name or getattr(fn, '__name__', type(fn).__name__)
         self.reset()
     def reset(self): self.preds, self.targs = [], []
-    def update(self, pred, targ):
+    def update(self,
+               pred,   # The model's output for the batch (`learn.pred`)
+               targ,   # The batch's target (`learn.yb[0]`)
+               ):
         self.preds.append(pred.detach()); self.targs.append(targ.detach())
     def compute(self) -> float:
         if not self.preds: return math.nan
         return _as_float(self.fn(torch.cat(self.preds), torch.cat(self.targs)), self.name, 'returned')
-    def sync(self, gather):
+    def sync(self,
+             gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
+             ):
         "Every process's predictions and targets, in rank order (copied through the CPU)."
         device = self.preds[0].device if self.preds else None
         mine = (torch.cat(self.preds).cpu(), torch.cat(self.targs).cpu()) if self.preds else None
@@ -154,7 +198,8 @@ class EpochMetric(Metric):
         self.targs = [t.to(device) if device is not None else t for _, t in parts]
 
 # %% ../nbs/01_metrics.ipynb #6e6873e0
-def as_metric(m: Metric | Callable | Any) -> Metric:
+def as_metric(m: Metric | Callable | Any,   # `Metric`, function `fn(pred, targ)`, or object with reset/update/compute
+              ) -> Metric:
     "Wrap `m` as a `Metric`: metrics stay, counting functions count, objects with reset/update/compute stay, functions are averaged."
     if isinstance(m, Metric): return m
     if all(callable(getattr(m, a, None)) for a in ('reset', 'update', 'compute')): return ObjectMetric(m)
@@ -164,7 +209,9 @@ def as_metric(m: Metric | Callable | Any) -> Metric:
                     f"Metric; got {m!r}")
 
 # %% ../nbs/01_metrics.ipynb #95f2b460
-def predicted_class(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
+def predicted_class(pred: torch.Tensor,   # Logits: a (class) dimension more than `targ`, or `targ`'s shape (binary)
+                    targ: torch.Tensor,   # The targets: their shape says how `pred` is read
+                    ) -> torch.Tensor:
     "The predicted class: argmax over the last dimension, or `logit > 0` for one column / target-shaped predictions."
     if pred.ndim == targ.ndim + 1:
         return (pred[..., 0] > 0).long() if pred.shape[-1] == 1 else pred.argmax(dim=-1)
@@ -178,7 +225,9 @@ def _accuracy_counts(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tens
     keep = targ != _IGNORE
     return ((predicted_class(pred, targ) == targ.long()) & keep).sum(), keep.sum()
 
-def accuracy(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
+def accuracy(pred: torch.Tensor,   # Logits or scores, read by `predicted_class`
+             targ: torch.Tensor,   # The target classes; those equal to -100 (padding) are not counted
+             ) -> torch.Tensor:
     "Fraction of the targets (those != -100) whose predicted class is right."
     correct, counted = _accuracy_counts(pred, targ)
     return correct / counted
@@ -186,7 +235,8 @@ def accuracy(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
 accuracy.counts = _accuracy_counts
 
 # %% ../nbs/01_metrics.ipynb #27b17ac9
-def top_k_accuracy(k: int = 5) -> Callable:
+def top_k_accuracy(k: int = 5,   # How many of the highest predictions may hold the target (>= 1)
+                   ) -> Callable:
     "A metric function: fraction of the targets (those != -100) that are among the `k` highest predictions."
     if k < 1: raise ValueError(f'top_k_accuracy needs k >= 1, got {k}')
     name = f'top{k}_accuracy'
@@ -210,11 +260,16 @@ top5_accuracy = top_k_accuracy(5)
 class MatthewsCorrCoef(Metric):
     "Matthews correlation coefficient, binary or multiclass, from a confusion matrix accumulated on the device."
     name = 'matthews_corrcoef'
-    def __init__(self, num_classes: int | None = None):
+    def __init__(self,
+                 num_classes: int | None = None,   # How many classes; None reads the predictions' last dimension
+                 ):
         self.num_classes = num_classes
         self.reset()
     def reset(self): self.confusion = None
-    def update(self, pred, targ):
+    def update(self,
+               pred,   # The model's output for the batch (`learn.pred`)
+               targ,   # The batch's target (`learn.yb[0]`)
+               ):
         pc = predicted_class(pred, targ).reshape(-1)
         n = self.num_classes or (2 if pred.shape == targ.shape or pred.shape[-1] == 1 else pred.shape[-1])
         t = targ.reshape(-1)
@@ -231,7 +286,9 @@ class MatthewsCorrCoef(Metric):
         c, s = cm.trace(), cm.sum()
         denom = ((s * s - (p * p).sum()) * (s * s - (t * t).sum())).sqrt()
         return 0. if denom == 0 else float((c * s - (p * t).sum()) / denom)
-    def sync(self, gather):
+    def sync(self,
+             gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
+             ):
         parts = [c for c in gather(None if self.confusion is None else self.confusion.cpu()) if c is not None]
         if parts: self.confusion = torch.stack(parts).sum(0)
 
@@ -239,11 +296,15 @@ class MatthewsCorrCoef(Metric):
 class Perplexity(Metric):
     "exp of the learner's loss averaged over the targets the loss counts (those != `ignore_index`)."
     name = 'perplexity'
-    def __init__(self, ignore_index: int | None = _IGNORE):
+    def __init__(self,
+                 ignore_index: int | None = _IGNORE,   # Targets equal to it (padding) don't count; None counts all
+                 ):
         self.ignore_index = ignore_index
         self.reset()
     def reset(self): self.total, self.count = 0., 0
-    def accumulate(self, learn):
+    def accumulate(self,
+                   learn,   # The learner, after a validation batch: its `loss` and `yb` are read
+                   ):
         targ, loss = learn.yb[0], learn.loss.detach()
         loss = loss.to(_sum_dtype(loss.device))
         if self.ignore_index is None: n, weighted = targ.numel(), loss * targ.numel()
@@ -254,7 +315,9 @@ class Perplexity(Metric):
     def compute(self) -> float:
         count = int(self.count)   # sync point: once per epoch
         return math.exp(float(self.total) / count) if count else math.nan
-    def sync(self, gather):
+    def sync(self,
+             gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
+             ):
         self.total, self.count = _summed(gather, float(self.total), int(self.count))
 
 # %% ../nbs/01_metrics.ipynb #58e6fa2e
@@ -270,7 +333,9 @@ class Recorder(Callback):
     smooth_beta = 0.98
     _row_keys = ('epoch', 'train_loss', 'valid_loss', 'time')
 
-    def __init__(self, metrics: Sequence = ()):
+    def __init__(self,
+                 metrics: Sequence = (),   # Computed in validation: functions, objects or metrics (see `as_metric`)
+                 ):
         self.metrics = metrics
         self.history: list[dict] = []
         self.values: dict | None = None
@@ -284,7 +349,9 @@ class Recorder(Callback):
         return self._metrics
 
     @metrics.setter
-    def metrics(self, metrics: Sequence) -> None:
+    def metrics(self,
+                metrics: Sequence,   # The new metrics, each wrapped by `as_metric`; their names must differ
+                ) -> None:
         wrapped, seen = tuple(as_metric(m) for m in metrics), set()
         for m in wrapped:
             if m.name in seen or m.name in self._row_keys:
@@ -384,7 +451,9 @@ class Recorder(Callback):
         total, n = _summed(learn.runtime.gather, *sums)
         return total / n if n else math.nan
 
-    def running_values(self, training: bool) -> dict[str, float]:
+    def running_values(self,
+                       training: bool,   # True in training (the loss only), False in validation (the loss and metrics)
+                       ) -> dict[str, float]:
         "Running loss (and, in validation, metrics) of the current phase, for progress displays. A sync point."
         if training: return {'loss': self.train_loss()}
         vals = {'loss': self.valid_loss()}
@@ -423,7 +492,9 @@ class Recorder(Callback):
         "Where the current epoch's row is kept: the learner's `RunState` (`learn.state`)."
         return getattr(learn, 'state', None) or self._own_state
 
-    def end_epoch(self, learn) -> dict:
+    def end_epoch(self,
+                  learn,   # The learner, at the end of its epoch
+                  ) -> dict:
         "Finish the epoch's row and append it to `history`; the learner calls this right before `after_epoch`."
         state = self._state(learn)
         row = dict(state.row or self._loaded_row)
@@ -448,7 +519,9 @@ class Recorder(Callback):
                 'epoch_start': self._epoch_start, 'epoch_ends': list(self._epoch_ends),
                 'smooth': self._ema.avg, 'n_smooth': self._ema.n}
 
-    def check_state_dict(self, state: dict) -> None:
+    def check_state_dict(self,
+                         state: dict,   # A state as `state_dict` returns it (from a checkpoint, say)
+                         ) -> None:
         "Raise ValueError unless `load_state_dict` can load `state` (checked before a resume changes anything)."
         rows = lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v)
         ints = lambda v: isinstance(v, list) and all(isinstance(i, int) for i in v)
@@ -456,7 +529,9 @@ class Recorder(Callback):
                     sizes=ints, epoch_start=int, epoch_ends=ints, smooth=(int, float), n_smooth=int)
         if not isinstance(state.get('row', {}), dict): raise ValueError(f"the state of Recorder has a 'row' that is a {describe(state['row'])}")
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self,
+                        state: dict,   # What `state_dict` returned (from a checkpoint, say)
+                        ) -> None:
         "Restore what `state_dict` returned."
         self.check_state_dict(state)
         self.history = [dict(r) for r in state['history']]
@@ -472,7 +547,10 @@ class Recorder(Callback):
         "`(training step, valid_loss)` at the end of each validated epoch, to draw next to the per-batch losses."
         return [(x, r['valid_loss']) for x, r in zip(self._epoch_ends, self.history) if 'valid_loss' in r]
 
-    def plot_loss(self, skip_start: int = 0, with_valid: bool = True) -> Figure:
+    def plot_loss(self,
+                  skip_start: int = 0,       # How many first training batches to leave out
+                  with_valid: bool = True,   # Whether to draw the validation loss of each epoch too
+                  ) -> Figure:
         "Training loss per batch (raw and smoothed) and validation loss per epoch."
         fig, ax = _figure()
         losses, smoothed = self.losses, self.smoothed_losses

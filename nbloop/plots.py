@@ -124,8 +124,14 @@ class LivePlotCallback(Callback):
     full_draw_cost = 0.05     # seconds: the cheapest full draw (axes, ticks, text) seen in this process
     update_cost = 0.01        # seconds: the latest estimate of an update (curves over a saved background, PNG)
 
-    def __init__(self, path: str | Path | None = None, mode: str = 'auto', budget: float = 0.02,
-                 min_interval: float = 1.0, figsize: tuple[float, float] = (10, 3.6), dpi: int = 80):
+    def __init__(self,
+                 path: str | Path | None = None,             # A PNG file (cwd-relative) for the final figure, or None
+                 mode: str = 'auto',                         # 'auto' (widget in Jupyter), 'widget', 'offscreen', 'none'
+                 budget: float = 0.02,                       # The fraction of training time drawing may take, in (0, 1]
+                 min_interval: float = 1.0,                  # Seconds at least between two draws
+                 figsize: tuple[float, float] = (10, 3.6),   # The figure's (width, height) in inches
+                 dpi: int = 80,                              # The figure's dots per inch
+                 ):
         if mode not in ('auto', 'widget', 'offscreen', 'none'):
             raise ValueError(f"mode must be 'auto', 'widget', 'offscreen' or 'none', got {mode!r}")
         if not 0 < budget <= 1: raise ValueError(f'budget is a fraction of training time in (0, 1], got {budget}')
@@ -212,7 +218,9 @@ class LivePlotCallback(Callback):
                 Path(self.path).write_bytes(self.png)
         except Exception as e: self._fail(e)
 
-    def render(self, learn: Learner) -> bytes:
+    def render(self,
+               learn: Learner,   # The learner whose recorder's curves are drawn
+               ) -> bytes:
         "Draw the current curves and return them as PNG bytes. A sync point (reads the recorder's losses)."
         rec = learn.recorder
         smoothed = rec.smoothed_losses                       # sync point

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 __all__ = ['format_row', 'format_time', 'format_comment', 'PlainTable', 'ProgressCallback']
 
 # %% ../nbs/02_progress.ipynb #0853c6d9
-def format_row(values: list) -> list[str]:
-    "Format one table row: floats with 4 decimals, `time` as m:ss."
+def format_row(values: list,   # One row's cells: floats get 4 decimals (or 'nan'), anything else `str()`
+               ) -> list[str]:
+    "Format one table row: floats with 4 decimals (nan as `nan`), anything else with `str`."
     out = []
     for v in values:
         if isinstance(v, float): out.append('nan' if math.isnan(v) else f'{v:.4f}')
@@ -31,14 +32,16 @@ def format_row(values: list) -> list[str]:
     return out
 
 # %% ../nbs/02_progress.ipynb #ca2efec6
-def format_time(seconds: float) -> str:
+def format_time(seconds: float,   # A duration in seconds, rounded to whole seconds
+                ) -> str:
     "Seconds as `m:ss` (or `h:mm:ss`)."
     s = int(round(seconds))
     h, m, s = s // 3600, s // 60 % 60, s % 60
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
 
 # %% ../nbs/02_progress.ipynb #b4ae0025
-def format_comment(values: dict[str, float]) -> str:
+def format_comment(values: dict[str, float],   # Running values by name, e.g. `{'loss': 0.152}`
+                   ) -> str:
     "The running values as `loss: 0.1520 - accuracy: 0.9521`."
     return ' - '.join(f'{k}: {v:.4f}' for k, v in values.items())
 
@@ -48,8 +51,14 @@ class PlainTable:
     def __init__(self): self.widths = None
     def on_iter_begin(self): pass
     def on_iter_end(self): pass
-    def update(self, val): pass
-    def write(self, line: list[str], table: bool = True):
+    def update(self,
+               val,   # The master bar's position (the epoch); ignored
+               ):
+        pass
+    def write(self,
+              line: list[str],      # The row's cells as strings; the first row written sets the column widths
+              table: bool = True,   # Ignored: fastprogress's master bar takes it
+              ):
         if self.widths is None: self.widths = [max(len(c), 8) for c in line]
         print('  '.join(c.ljust(w) for c, w in zip(line, self.widths)).rstrip(), flush=True)
 
@@ -60,7 +69,9 @@ class ProgressCallback(Callback):
     runs_in_lr_find = True
     main_process_only = True
 
-    def __init__(self, refresh_every: float = 0.2):
+    def __init__(self,
+                 refresh_every: float = 0.2,   # Seconds at least between refreshes of the running values (a sync each)
+                 ):
         self.refresh_every = refresh_every
         self.mbar = self.pbar = None
 

@@ -33,7 +33,9 @@ class Runtime:
     "One process on one device: moves data, runs backward and step (with a gradient scaler if set), reduces nothing."
     distributed = False
 
-    def __init__(self, device: str | torch.device | None = None):
+    def __init__(self,
+                 device: str | torch.device | None = None,  # Where the math runs; None picks CUDA, then MPS, then CPU
+                 ):
         self.device = torch.device(device) if device is not None else default_device()
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.scaler: torch.amp.GradScaler | None = None
@@ -47,54 +49,79 @@ class Runtime:
         "Whether this process displays and writes (global rank 0)."
         return self.rank == 0
 
-    def prepare_model(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
+    def prepare_model(self,
+                      model: torch.nn.Module,  # The model to train; moved to `device`
+                      compile: bool = False,   # Compile it with `torch.compile`
+                      ) -> torch.nn.Module:
         "The model, ready to train here: on the device, and compiled with `torch.compile` if asked."
         model = model.to(self.device)
         return torch.compile(model) if compile else model
 
-    def to_device(self, items: Any) -> Any:
+    def to_device(self,
+                  items: Any,  # A tensor, or tensors nested in tuples, lists and dicts (other values stay as they are)
+                  ) -> Any:
         "Move a batch's tensors to the device (asynchronously where possible)."
         return to_device(items, self.device)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self,
+                 loss: torch.Tensor,  # The scalar loss to back-propagate
+                 ) -> None:
         "Back-propagate `loss`, scaled first when there is a gradient scaler."
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    def step(self, opt: torch.optim.Optimizer) -> None:
+    def step(self,
+             opt: torch.optim.Optimizer,  # The optimizer to step
+             ) -> None:
         "One optimizer step (through the scaler, which skips a step with inf/NaN gradients)."
         if self.scaler is None: opt.step()
         else:
             self.scaler.step(opt)
             self.scaler.update()
 
-    def unscale(self, opt: torch.optim.Optimizer) -> None:
+    def unscale(self,
+                opt: torch.optim.Optimizer,  # The optimizer whose parameters' gradients are unscaled
+                ) -> None:
         "Bring the gradients back to their true scale before they are read (clipping); once per step."
         if self.scaler is not None: self.scaler.unscale_(opt)
 
-    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+    def reduce_sum(self,
+                   tensor: torch.Tensor,  # This process's value (a count, a sum), on the device
+                   ) -> torch.Tensor:
         "The sum of `tensor` over all processes: here, itself."
         return tensor
 
     def barrier(self) -> None:
         "Wait for every process: here, nothing to wait for."
 
-    def gather(self, obj: Any) -> list:
+    def gather(self,
+               obj: Any,  # This process's object (picklable)
+               ) -> list:
         "Every process's `obj`, in rank order, on every process: here, `[obj]`."
         return [obj]
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self,
+                  obj: Any,  # The object to share (picklable); only rank 0's counts
+                  ) -> Any:
         "Rank 0's `obj`, on every process: here, `obj`."
         return obj
 
-    def no_sync(self, model: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    def no_sync(self,
+                model: torch.nn.Module,  # The model as `prepare_model` returned it
+                skip: bool,              # Skip the gradient all-reduce (accumulate locally); False: a plain context
+                ) -> contextlib.AbstractContextManager:
         "A context in which backward does not all-reduce gradients (when `skip`): here, nothing to skip."
         return contextlib.nullcontext()
 
-    def vote_stop(self, local: str | None, training: bool) -> str | None:
+    def vote_stop(self,
+                  local: str | None,  # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
+                  training: bool,     # Whether this is a training batch (validation batches don't vote)
+                  ) -> str | None:
         "Whether every process stops at this batch boundary, given this process's pending signal: here, its own."
         return local
 
-    def final_vote(self, local: str | None) -> str | None:
+    def final_vote(self,
+                   local: str | None,  # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
+                   ) -> str | None:
         "The stop vote at the end of a phase (all of its pending votes included): here, this process's own."
         return local
 
@@ -108,7 +135,9 @@ def distributed_env() -> bool:
     except ValueError: return False
 
 # %% ../nbs/08a_runtime.ipynb #aa9ba465
-def init_distributed(backend: str | None = None, timeout: float = 600.) -> bool:
+def init_distributed(backend: str | None = None,  # 'nccl', 'gloo', ...; None: NCCL when CUDA is available, else gloo
+                     timeout: float = 600.,        # Seconds to wait for the rendezvous and for each collective
+                     ) -> bool:
     """Join the process group that torchrun's environment describes (NCCL with CUDA, gloo without); returns False
     when a group is already initialized (it is used as it is). Each elastic restart uses its own key prefix in the
     rendezvous store, and the group is destroyed at interpreter exit."""
@@ -161,7 +190,9 @@ class DistributedRuntime(Runtime):
     (or the CPU), sums and gathers across processes, and a stop vote that never syncs the device."""
     distributed = True
 
-    def __init__(self, device: str | torch.device | None = None):
+    def __init__(self,
+                 device: str | torch.device | None = None,  # None or 'cuda': `cuda:LOCAL_RANK` with CUDA; else CPU
+                 ):
         self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
         if device is None: device = 'cuda' if torch.cuda.is_available() else 'cpu'
         device = torch.device(device)
@@ -177,7 +208,10 @@ class DistributedRuntime(Runtime):
     @property
     def world_size(self) -> int: return dist.get_world_size()
 
-    def prepare_model(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
+    def prepare_model(self,
+                      model: torch.nn.Module,  # The model to train; moved to `device`
+                      compile: bool = False,   # Compile it (after wrapping) with `torch.compile`
+                      ) -> torch.nn.Module:
         "On the device, wrapped in DistributedDataParallel (when it has something to train), then compiled if asked."
         model = model.to(self.device)
         if self.world_size > 1 and any(p.requires_grad for p in model.parameters()):
@@ -185,12 +219,17 @@ class DistributedRuntime(Runtime):
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         return torch.compile(model) if compile else model
 
-    def no_sync(self, model: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    def no_sync(self,
+                model: torch.nn.Module,  # The model as `prepare_model` returned it (DDP, maybe compiled)
+                skip: bool,              # Skip the gradient all-reduce (accumulate locally); False: a plain context
+                ) -> contextlib.AbstractContextManager:
         "DDP's `no_sync` when `skip`: forward and backward in it accumulate gradients locally, without an all-reduce."
         ddp = _ddp_of(model) if skip else None
         return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
 
-    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+    def reduce_sum(self,
+                   tensor: torch.Tensor,  # This process's value (a count, a sum), on the device; left unchanged
+                   ) -> torch.Tensor:
         "The sum of `tensor` over all processes (a new tensor; on the default group, so on the GPU with NCCL)."
         out = tensor.detach().clone()
         dist.all_reduce(out)
@@ -198,13 +237,17 @@ class DistributedRuntime(Runtime):
 
     def barrier(self) -> None: dist.barrier(group=self.group)
 
-    def gather(self, obj: Any) -> list:
+    def gather(self,
+               obj: Any,  # This process's object (picklable)
+               ) -> list:
         "Every process's `obj` (picklable), in rank order, on every process; travels on the CPU group."
         out = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self,
+                  obj: Any,  # The object to share (picklable); only rank 0's counts
+                  ) -> Any:
         "Rank 0's `obj` (picklable), on every process."
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.group)
@@ -213,7 +256,10 @@ class DistributedRuntime(Runtime):
     vote_interval = 0.025    # seconds of training between two stop votes (their period adapts to the batch time)
     max_period = 1000        # batches
 
-    def vote_stop(self, local: str | None, training: bool) -> str | None:
+    def vote_stop(self,
+                  local: str | None,  # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
+                  training: bool,     # Whether this is a training batch; False (validation) returns None at once
+                  ) -> str | None:
         """Every `period` training batches each process sends its pending signal (an asynchronous all-reduce on the
         CPU group) and reads the previous vote, which has long arrived: all stop at the same batch boundary, within
         two periods of the signal, without a device sync. Each vote also carries every process's proposal for the
@@ -235,7 +281,9 @@ class DistributedRuntime(Runtime):
         code, self._period = previous[1].tolist()
         return _STOPS[code]
 
-    def final_vote(self, local: str | None) -> str | None:
+    def final_vote(self,
+                   local: str | None,  # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
+                   ) -> str | None:
         "The pending vote collected, then one blocking vote: the stop every process agrees on at the end of a phase."
         if self._vote is not None:
             self._vote[0].wait()
@@ -246,7 +294,9 @@ class DistributedRuntime(Runtime):
         return _STOPS[int(flag[0])]
 
 # %% ../nbs/08a_runtime.ipynb #039114d0
-def make_runtime(device: str | torch.device | None = None) -> Runtime:
+def make_runtime(
+        device: str | torch.device | None = None,  # None: CUDA, MPS, CPU; several processes: `cuda:LOCAL_RANK` or CPU
+        ) -> Runtime:
     "The runtime for this process: a `DistributedRuntime` under torchrun or `launch` (or in a process group), else a `Runtime`."
     if (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or distributed_env():
         return DistributedRuntime(device)
@@ -296,7 +346,12 @@ def _launched(fn: Callable, args: tuple, kwargs: dict, env: dict, conn) -> None:
     destroy_distributed()
     os._exit(code)
 
-def launch(fn: Callable, nprocs: int = 2, *args, timeout: float | None = None, **kwargs) -> Any:
+def launch(fn: Callable,                   # The function each process runs (create model, data and Learner inside it)
+           nprocs: int = 2,                # How many processes (ranks) to start, >= 1
+           *args,                          # Positional arguments for `fn`
+           timeout: float | None = None,   # Seconds for the whole run, then `LaunchError`; None: no limit
+           **kwargs,                       # Keyword arguments for `fn`
+           ) -> Any:                       # What `fn` returned in rank 0
     """Run `fn(*args, **kwargs)` in `nprocs` processes with torchrun's environment (one machine, fork); returns rank
     0's return value. A failing process stops the others and raises `LaunchError`; `timeout` (seconds) bounds it all."""
     if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:

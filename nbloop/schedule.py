@@ -23,24 +23,36 @@ __all__ = ['linear', 'cosine', 'exponential', 'constant', 'ScheduleError', 'Sche
            'suggest_valley', 'suggest_steep', 'suggest_minimum', 'LRFindResult']
 
 # %% ../nbs/03_schedule.ipynb #aa22f766
-def linear(start: float, end: float, pct: float) -> float:
+def linear(start: float,   # The value at `pct=0`
+           end: float,     # The value at `pct=1`
+           pct: float,     # How far along the segment: 0 to 1
+           ) -> float:
     "Straight line from `start` to `end`."
     return start + (end - start) * pct
 
 # %% ../nbs/03_schedule.ipynb #20e4a84a
-def cosine(start: float, end: float, pct: float) -> float:
+def cosine(start: float,   # The value at `pct=0`
+           end: float,     # The value at `pct=1`
+           pct: float,     # How far along the segment: 0 to 1
+           ) -> float:
     "Half a cosine from `start` to `end`: flat at both ends."
     return start + (end - start) * (1 - math.cos(math.pi * pct)) / 2
 
 # %% ../nbs/03_schedule.ipynb #7b0ed50b
-def exponential(start: float, end: float, pct: float) -> float:
+def exponential(start: float,   # The value at `pct=0` (> 0)
+                end: float,     # The value at `pct=1` (> 0)
+                pct: float,     # How far along the segment: 0 to 1
+                ) -> float:
     "Geometric interpolation from `start` to `end` (both must be positive)."
     if start <= 0 or end <= 0:
         raise ValueError(f'an exponential segment needs positive start and end, got {start} and {end}')
     return start * (end / start) ** pct
 
 # %% ../nbs/03_schedule.ipynb #237e412b
-def constant(start: float, end: float, pct: float) -> float:
+def constant(start: float,   # The value throughout
+             end: float,     # Ignored
+             pct: float,     # Ignored
+             ) -> float:
     "`start` throughout."
     return start
 
@@ -52,10 +64,10 @@ class ScheduleError(ValueError):
 @dataclass
 class ScheduleSegment:
     "One piece of a schedule: `shape` from `start` to `end` over `steps` training steps."
-    shape: Callable[[float, float, float], float]
-    start: float | None = None
-    end: Any = ...
-    steps: int | None = None
+    shape: Callable[[float, float, float], float]   # A function `f(start, end, pct)`: `linear`, `cosine`, ... or yours
+    start: float | None = None                      # The value it begins at; None: the previous segment's end
+    end: Any = ...                                  # The value it ends at; only a `constant` segment may leave it out
+    steps: int | None = None                        # Steps it spans; None (last segment only): the rest of training
 
     def __post_init__(self):
         if self.end is ... :
@@ -67,13 +79,17 @@ class ScheduleSegment:
 # %% ../nbs/03_schedule.ipynb #474d7e92
 class Schedule:
     "Segments laid end to end; call it with a global step to get the value. `resolve(total_steps)` fixes the last segment."
-    def __init__(self, segments: Sequence[ScheduleSegment]):
+    def __init__(self,
+                 segments: Sequence[ScheduleSegment],   # The `ScheduleSegment`s, laid end to end in this order
+                 ):
         self.segments = list(segments)
         if not self.segments: raise ScheduleError('a schedule needs at least one segment')
         self._pieces: list[tuple[int, int, Callable, float, float]] | None = None
         self.total_steps: int | None = None
 
-    def resolve(self, total_steps: int | None) -> Schedule:
+    def resolve(self,
+                total_steps: int | None,   # Training steps of the run; None when unknown (every segment needs steps)
+                ) -> Schedule:
         "Check the segments against a run of `total_steps` training steps and fix where each one begins and ends."
         pieces, s, prev_end = [], 0, None
         last_step = None if total_steps is None else total_steps - 1
@@ -105,7 +121,9 @@ class Schedule:
         self._pieces, self.total_steps = pieces, total_steps
         return self
 
-    def __call__(self, step: int) -> float:
+    def __call__(self,
+                 step: int,   # The global training step (`learn.train_iter`), from 0
+                 ) -> float:
         "The value at global training step `step`."
         if self._pieces is None: self.resolve(None)
         for s, n, shape, start, end in self._pieces:
@@ -115,19 +133,24 @@ class Schedule:
         s, n, shape, start, end = self._pieces[-1]
         return shape(start, end, 1.0)
 
-    def values(self, total_steps: int | None = None) -> list[float]:
+    def values(self,
+               total_steps: int | None = None,   # The length of the run to resolve against; None keeps the resolved one
+               ) -> list[float]:
         "The value at every step of a run of `total_steps` (default: the resolved length)."
         n = total_steps if total_steps is not None else self.total_steps
         if total_steps is not None: self.resolve(total_steps)
         return [self(t) for t in range(n)]
 
 # %% ../nbs/03_schedule.ipynb #7a59d8d3
-def make_schedule(segments: Sequence[ScheduleSegment]) -> Schedule:
+def make_schedule(segments: Sequence[ScheduleSegment],   # The `ScheduleSegment`s, laid end to end in this order
+                  ) -> Schedule:
     "A `Schedule` from segments laid end to end."
     return Schedule(segments)
 
 # %% ../nbs/03_schedule.ipynb #7551e814
-def get_hyper(group: dict, param: str) -> float:
+def get_hyper(group: dict,   # One of the optimizer's `param_groups`
+              param: str,    # 'lr', 'weight_decay', ..., or 'momentum', 'beta1', 'beta2' (read from `betas` if there)
+              ) -> float:
     "The value of hyper-parameter `param` in an optimizer param group."
     if param in ('momentum', 'beta1', 'beta2'):
         if param == 'momentum' and 'momentum' in group: return group['momentum']
@@ -138,7 +161,10 @@ def get_hyper(group: dict, param: str) -> float:
     return group[param]
 
 # %% ../nbs/03_schedule.ipynb #9b3a75cf
-def set_hyper(group: dict, param: str, value: float) -> None:
+def set_hyper(group: dict,    # One of the optimizer's `param_groups`
+              param: str,     # 'lr', 'weight_decay', ..., or 'momentum', 'beta1', 'beta2' (set in `betas` if there)
+              value: float,   # The new value
+              ) -> None:
     "Set hyper-parameter `param` of an optimizer param group (see `get_hyper` for momentum and betas)."
     if param in ('momentum', 'beta1', 'beta2') and not (param == 'momentum' and 'momentum' in group):
         betas = list(group['betas'])
@@ -147,7 +173,8 @@ def set_hyper(group: dict, param: str, value: float) -> None:
     else: group[param] = value
 
 # %% ../nbs/03_schedule.ipynb #047157d8
-def has_momentum(group: dict) -> bool:
+def has_momentum(group: dict,   # One of the optimizer's `param_groups`
+                 ) -> bool:
     "Whether momentum can be scheduled in this group: Adam-like betas, or a nonzero `momentum`."
     return 'betas' in group or bool(group.get('momentum', 0))
 
@@ -156,7 +183,10 @@ class LRScheduler(Callback):
     "Set optimizer hyper-parameter `param` from `schedule` (a Schedule or a function of the step) before each training batch."
     order = 10
 
-    def __init__(self, schedule: Schedule | Callable[[int], float], param: str = 'lr'):
+    def __init__(self,
+                 schedule: Schedule | Callable[[int], float],   # A `Schedule`, or a function `f(step) -> value`
+                 param: str = 'lr',                             # The hyper-parameter to set, as `get_hyper` names it
+                 ):
         self.schedule, self.param = schedule, param
         self.ratios: list[float] | None = None
 
@@ -175,15 +205,23 @@ class LRScheduler(Callback):
             set_hyper(g, self.param, value if r == 1.0 else value * r)
 
     def state_dict(self) -> dict: return {'ratios': self.ratios}
-    def check_state_dict(self, state: dict) -> None:
+    def check_state_dict(self,
+                         state: dict,   # A state as `state_dict` returns it (from a checkpoint, say)
+                         ) -> None:
         check_state(state, 'LRScheduler', ratios=lambda v: v is None or isinstance(v, list) and all(isinstance(r, (int, float)) for r in v))
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self,
+                        state: dict,   # What `state_dict` returned (from a checkpoint, say)
+                        ) -> None:
         self.check_state_dict(state)
         self.ratios = state['ratios']
 
 # %% ../nbs/03_schedule.ipynb #db7953c4
-def one_cycle_schedules(total_steps: int, lr_max: float, div: float = 25., div_final: float = 1e5,
-                        pct_start: float = 0.25, moms: tuple[float, float, float] = (0.95, 0.85, 0.95)
+def one_cycle_schedules(total_steps: int,          # Training steps of the whole run
+                        lr_max: float,             # The peak learning rate
+                        div: float = 25.,          # The learning rate starts at `lr_max / div`
+                        div_final: float = 1e5,    # The learning rate ends at `lr_max / div_final`
+                        pct_start: float = 0.25,   # The fraction of the steps spent warming up, in [0, 1)
+                        moms: tuple[float, float, float] = (0.95, 0.85, 0.95),  # Momentum (or beta1): start, peak, end
                         ) -> tuple[Schedule, Schedule]:
     "The learning-rate and momentum schedules of a one-cycle run of `total_steps` steps."
     if not 0 <= pct_start < 1: raise ScheduleError(f'pct_start must be in [0, 1), got {pct_start}')
@@ -195,7 +233,9 @@ def one_cycle_schedules(total_steps: int, lr_max: float, div: float = 25., div_f
     return lr, mom
 
 # %% ../nbs/03_schedule.ipynb #338b4d33
-def smooth(values: Sequence[float], beta: float = 0.98) -> list[float]:
+def smooth(values: Sequence[float],   # The series to smooth, e.g. raw losses
+           beta: float = 0.98,        # The moving average's weight on the past: closer to 1 smooths more
+           ) -> list[float]:
     "Debiased exponential moving average of `values` (NaN stays NaN from where it appears)."
     ema = DebiasedEMA(beta)
     return [ema(v) for v in values]
@@ -206,14 +246,23 @@ class LRFinder(Callback):
     order = 10
     runs_in_lr_find = True
 
-    def __init__(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, stop_div: bool = True,
-                 check_every: int = 10, div_factor: float = 4.):
+    def __init__(self,
+                 start_lr: float = 1e-7,   # The first learning rate of the sweep (> 0)
+                 end_lr: float = 10.,      # The last learning rate of the sweep (> `start_lr`)
+                 num_it: int = 100,        # How many training batches the sweep takes at most (>= 2)
+                 stop_div: bool = True,    # Whether to stop early when the loss diverges
+                 check_every: int = 10,    # Look at the losses every this many batches (a device sync each time)
+                 div_factor: float = 4.,   # Diverged: the smoothed loss exceeds this many times its minimum
+                 ):
         if not 0 < start_lr < end_lr: raise ValueError(f'need 0 < start_lr < end_lr, got {start_lr} and {end_lr}')
         if num_it < 2: raise ValueError(f'num_it must be at least 2, got {num_it}')
         self.start_lr, self.end_lr, self.num_it, self.stop_div = start_lr, end_lr, num_it, stop_div
         self.check_every, self.div_factor = check_every, div_factor
 
-    def lr_at(self, i: int) -> float: return self.start_lr * (self.end_lr / self.start_lr) ** (i / (self.num_it - 1))
+    def lr_at(self,
+              i: int,   # The batch of the sweep, from 0; `num_it - 1` gives `end_lr`
+              ) -> float:
+        return self.start_lr * (self.end_lr / self.start_lr) ** (i / (self.num_it - 1))
 
     def before_fit(self, learn):
         self.lrs, self.raw, self._pending, self.stopped_at = [], [], [], None
@@ -258,7 +307,10 @@ class LRFinder(Callback):
         self.lrs, self.raw = self.lrs[:n], self.raw[:n]
 
 # %% ../nbs/03_schedule.ipynb #f03d306e
-def suggest_valley(lrs: Sequence[float], losses: Sequence[float], tol: float = 0.01) -> float:
+def suggest_valley(lrs: Sequence[float],      # The learning rates of the curve, increasing
+                   losses: Sequence[float],   # The (smoothed) loss at each of `lrs`
+                   tol: float = 0.01,         # Each step down must exceed this fraction of the losses' range
+                   ) -> float:
     "Middle (in log-lr) of the longest decreasing stretch of `losses` (each step down by more than `tol` of the range)."
     n = len(losses)
     if n == 0: return math.nan
@@ -273,7 +325,9 @@ def suggest_valley(lrs: Sequence[float], losses: Sequence[float], tol: float = 0
     return lrs[(start + end) // 2]
 
 # %% ../nbs/03_schedule.ipynb #aaeffcbc
-def suggest_steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
+def suggest_steep(lrs: Sequence[float],      # The learning rates of the curve, increasing
+                  losses: Sequence[float],   # The (smoothed) loss at each of `lrs`
+                  ) -> float:
     "The learning rate where the loss falls fastest against log(lr), before its minimum."
     stop = min(range(len(losses)), key=losses.__getitem__) + 1 if losses else 0
     if stop < 2: return math.nan
@@ -282,7 +336,9 @@ def suggest_steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
     return lrs[min(range(len(slopes)), key=slopes.__getitem__)]
 
 # %% ../nbs/03_schedule.ipynb #49064210
-def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
+def suggest_minimum(lrs: Sequence[float],      # The learning rates of the curve, increasing
+                    losses: Sequence[float],   # The (smoothed) loss at each of `lrs`
+                    ) -> float:
     "A tenth of the learning rate at the lowest loss."
     if not losses: return math.nan
     return lrs[min(range(len(losses)), key=losses.__getitem__)] / 10
@@ -291,14 +347,18 @@ def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
 @dataclass
 class LRFindResult:
     "The LR finder's curve and suggestions: `.suggestion`, `.suggestions`, `.lrs`, `.losses` (smoothed), `.plot()`."
-    lrs: list[float]
-    losses: list[float]
-    raw_losses: list[float] = field(default_factory=list)
-    suggestions: dict[str, float] = field(default_factory=dict)
-    diverged: bool = False
+    lrs: list[float]                                              # The learning rate of each batch of the sweep
+    losses: list[float]                                           # The smoothed loss at each of `lrs`
+    raw_losses: list[float] = field(default_factory=list)         # The loss of each batch, unsmoothed
+    suggestions: dict[str, float] = field(default_factory=dict)   # Each rule's lr: 'valley', 'steep', 'minimum/10'
+    diverged: bool = False                                        # Whether the sweep stopped early: the loss diverged
 
     @classmethod
-    def from_curve(cls, lrs: Sequence[float], raw: Sequence[float], diverged: bool = False) -> LRFindResult:
+    def from_curve(cls,
+                   lrs: Sequence[float],     # The learning rate of each batch of the sweep
+                   raw: Sequence[float],     # The loss of each batch, unsmoothed
+                   diverged: bool = False,   # Whether the sweep stopped early: the loss diverged
+                   ) -> LRFindResult:
         "Smooth the raw losses and compute every suggestion (skipping the first tenth: the average is still forming)."
         losses = smooth(raw)
         k = len(losses) // 10
@@ -311,7 +371,9 @@ class LRFindResult:
         "The default suggestion: the valley rule."
         return self.suggestions.get('valley', math.nan)
 
-    def plot(self, skip_end: int = 0) -> Figure:
+    def plot(self,
+             skip_end: int = 0,   # How many last points to leave out (where the loss explodes)
+             ) -> Figure:
         "Smoothed loss against the learning rate (log scale), with each suggestion marked."
         fig = new_figure(figsize=(6, 4), layout='constrained')
         ax = fig.subplots()

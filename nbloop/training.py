@@ -26,7 +26,9 @@ class MixedPrecision(Callback):
     order = 5
     runs_in_lr_find = True
 
-    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self,
+                 dtype: torch.dtype = torch.bfloat16,  # torch.bfloat16, or torch.float16 (adds a gradient scaler)
+                 ):
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f'MixedPrecision takes torch.bfloat16 or torch.float16, got {dtype}')
         self.dtype, self.scaler = dtype, None
@@ -46,10 +48,14 @@ class MixedPrecision(Callback):
         "The gradient scaler's state (float16), so that checkpoints, the one written on interrupt too, carry it."
         return {'scaler': self.scaler.state_dict() if self.scaler is not None else None}
 
-    def check_state_dict(self, state: dict) -> None:
+    def check_state_dict(self,
+                         state: dict,  # A state as `state_dict` returns it, e.g. read from a checkpoint
+                         ) -> None:
         check_state(state, 'MixedPrecision', scaler=(dict, type(None)))
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self,
+                        state: dict,  # A state as `state_dict` returns it (checked first)
+                        ) -> None:
         self.check_state_dict(state)
         if state.get('scaler') is None: return
         if self.scaler is None:
@@ -63,7 +69,9 @@ class GradientAccumulation(Callback):
     order = 15
     runs_in_lr_find = True
 
-    def __init__(self, n_batches: int):
+    def __init__(self,
+                 n_batches: int,  # Training batches per optimizer step, a whole number >= 1
+                 ):
         if not isinstance(n_batches, int) or n_batches < 1:
             raise ValueError(f'n_batches must be a whole number >= 1, got {n_batches!r}')
         self.n_batches, self.count = n_batches, 0     # count: batches accumulated since the last step
@@ -89,8 +97,12 @@ class GradientAccumulation(Callback):
         if not self._steps: raise CancelBatchException()
 
     def state_dict(self) -> dict: return {'count': self.count}
-    def check_state_dict(self, state: dict) -> None: check_state(state, 'GradientAccumulation', count=int)
-    def load_state_dict(self, state: dict) -> None:
+    def check_state_dict(self,
+                         state: dict,  # A state as `state_dict` returns it, e.g. read from a checkpoint
+                         ) -> None: check_state(state, 'GradientAccumulation', count=int)
+    def load_state_dict(self,
+                        state: dict,  # A state as `state_dict` returns it (checked first)
+                        ) -> None:
         self.check_state_dict(state)
         self.count = state['count']
 
@@ -100,7 +112,10 @@ class GradientClip(Callback):
     order = 20
     runs_in_lr_find = True
 
-    def __init__(self, max_norm: float, norm_type: float = 2.0):
+    def __init__(self,
+                 max_norm: float,         # The largest global gradient norm a step may see; > 0
+                 norm_type: float = 2.0,  # The norm's order, as `clip_grad_norm_` takes it (2.0: Euclidean)
+                 ):
         if max_norm <= 0: raise ValueError(f'max_norm must be positive, got {max_norm}')
         self.max_norm, self.norm_type = max_norm, norm_type
 
@@ -114,8 +129,13 @@ class EarlyStopping(MonitorCallback):
     `restore_best`, the model gets back the weights of its best epoch when the fit ends (stopped early or not)."""
     order = 95
 
-    def __init__(self, monitor: str = 'valid_loss', mode: str = 'min', patience: int = 3, min_delta: float = 0.,
-                 restore_best: bool = False):
+    def __init__(self,
+                 monitor: str = 'valid_loss',  # The history key to watch: 'valid_loss', 'train_loss', a metric's name
+                 mode: str = 'min',            # 'min' or 'max': whether a lower or a higher `monitor` is better
+                 patience: int = 3,            # Epochs without improvement before stopping; a whole number >= 1
+                 min_delta: float = 0.,        # How much a value must beat the best by to count as an improvement
+                 restore_best: bool = False,   # When the fit ends, give the model back the weights of its best epoch
+                 ):
         super().__init__(monitor, mode, min_delta)
         if not isinstance(patience, int) or patience < 1: raise ValueError(f'patience must be a whole number >= 1, got {patience!r}')
         self.patience, self.restore_best = patience, restore_best
@@ -171,12 +191,16 @@ class EarlyStopping(MonitorCallback):
         if self.restore_best: state['best_weights'] = self.best_weights
         return state
 
-    def check_state_dict(self, state: dict) -> None:
+    def check_state_dict(self,
+                         state: dict,  # A state as `state_dict` returns it, e.g. read from a checkpoint
+                         ) -> None:
         check_state(state, 'EarlyStopping', best=(int, float, type(None)), wait=int)
         if self.restore_best and state.get('best_weights') is not None:
             check_state(state, 'EarlyStopping', best_weights=lambda w: isinstance(w, dict) and all(isinstance(v, torch.Tensor) for v in w.values()))
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self,
+                        state: dict,  # A state as `state_dict` returns it (checked first)
+                        ) -> None:
         self.check_state_dict(state)
         self.remember(state['best'], state.get('best_epoch'))
         self.wait = state['wait']
@@ -187,7 +211,9 @@ class TerminateOnNaN(Callback):
     "Stop the fit when the training loss is NaN or infinite: within a batch or two, with no per-batch device sync."
     order = 55
 
-    def __init__(self, check_every: int = 50):
+    def __init__(self,
+                 check_every: int = 50,  # Devices without asynchronous copies (MPS): look every n training steps
+                 ):
         self.check_every = check_every     # only for devices without asynchronous copies (MPS)
         self.stopped_at = None
 

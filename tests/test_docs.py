@@ -155,10 +155,28 @@ def test_no_page_shows_an_export_cells_imports(build):
     assert export_imports(Path('09_learner.ipynb')), 'the check reads the export cells'
 
 
+def show_doc_outputs(nb: Path) -> list[str]:
+    "The Markdown that each show_doc of a processed library notebook rendered."
+    out = []
+    for c in nbformat.read(PROC / nb, as_version=4).cells:
+        if c.cell_type == 'code' and 'show_doc(' in c.source:
+            out += [o['data']['text/markdown'] for o in c.get('outputs', []) if 'text/markdown' in o.get('data', {})]
+    return out
+
+
 def test_api_pages_have_signatures_tables_and_pictures(build):
-    "show_doc output renders: a parameter table on the learner page; the library pages show at least one plot."
-    learner = page_of(Path('09_learner.ipynb')).read_text()
-    assert '<table' in learner and 'n_epochs' in learner
+    """show_doc renders a signature and a parameter table whose Details come from the docments (on the learner
+    page, every parameter has them); defaults never show a memory address; the library pages show plots."""
+    docs_ = show_doc_outputs(Path('09_learner.ipynb'))
+    fit = next(d for d in docs_ if '### Learner.fit' in d and 'fit_one_cycle' not in d.split('\n', 4)[2])
+    assert 'def fit(' in fit and '| `n_epochs` | int |' in fit
+    rows = [r for d in docs_ for r in d.splitlines() if r.startswith('| `')]
+    assert len(rows) > 40
+    empty = [r for r in rows if not r.rstrip(' |').split(' | ')[-1].strip() or r.rstrip().endswith('|  |')]
+    assert not empty, f'parameters without a description on the learner page: {empty}'
+    assert '<table' in page_of(Path('09_learner.ipynb')).read_text()
+    for nb in LIBRARY:
+        assert not any(re.search(r'0x[0-9a-f]{6,}', d) for d in show_doc_outputs(nb)), f'{nb}: an address in a signature'
     assert any(Page(page_of(nb)).images for nb in LIBRARY), 'no library page shows a picture'
 
 

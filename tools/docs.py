@@ -6,16 +6,19 @@
                                           rendered with the outputs they have)
 
 1. `nbs/` is copied to `_build/nbs/`.
-2. Each notebook there runs top to bottom in a fresh Jupyter kernel of this Python (nbclient), with the notebook's
-   folder as working directory, so what it writes stays in `_build/`. A kernel gives what a reader of Jupyter
-   sees: the progress table as HTML, and the live plot's final picture as a PNG. Cells marked with one of
-   settings.ini's `tst_flags` (`slow`, `cuda`, `notest`) or `#| eval: false` are shown but not run, as
-   `nbdev_test` skips them. A cell that fails, or an output that shows a traceback, stops the build. Each
-   notebook's wall time goes to `_build/timings.json`.
-3. nbdev's own processors make the pages: an export cell's source (its imports too) leaves the page, a
-   `show_doc` of each exported name takes its place (signature, docstring, parameter table), `#| hide` cells go.
-4. With Quarto installed, `nbdev_docs --path _build/nbs` renders (steps 3 and 4, as nbdev does); without it,
-   nbdev's processors write `_proc/` and `smalldocs render _proc` renders the same `_quarto.yml` (pure Python).
+2. Each notebook there gets a `show_doc` cell after each export cell, for each public name it defines (as
+   nbdev's processor adds them), and runs top to bottom. The tutorials and the index run in a fresh Jupyter
+   kernel of this Python (nbclient), as their readers run them: the progress table is HTML, the live plot's final
+   picture a PNG. The library notebooks run as `nbdev_test` runs them (execnb's shell, in a process of their own),
+   since their tests were written for it. The working directory is the notebook's folder in `_build/`, so what a
+   notebook writes stays there. Cells marked with one of settings.ini's `tst_flags` (`slow`, `cuda`, `notest`)
+   or `#| eval: false` are shown but not run. A cell that fails, or an output that shows a traceback, stops the
+   build. Each notebook's wall time goes to `_build/timings.json`.
+3. nbdev's own processors make the pages (`_proc/`): an export cell's source (its imports too) leaves the page,
+   and the `show_doc` of each name it exports, added in step 2 before the notebook ran, shows the signature, the
+   docstring and a parameter table; `#| hide` cells go.
+4. With Quarto installed, `quarto render` renders `_proc/`, as `nbdev_docs` does; without it, `smalldocs render
+   _proc` renders the same `_quarto.yml` (pure Python), and nbdev's links to a name's page are made relative.
    Either way the site lands in `_docs/`.
 """
 from __future__ import annotations
@@ -107,6 +110,8 @@ def add_show_docs(path: Path) -> None:
     proc.process()
     if any('show_doc(' in c.source for c in proc.nb.cells if c.cell_type == 'code'):
         proc.nb.cells.insert(1, _hidden_cell(SHOWDOC_SETUP))
+    for i, cell in enumerate(proc.nb.cells):
+        if not cell.get('id'): cell['id'] = f'nbloop-docs-{i}'      # the cells added here; nbformat wants ids
     write_nb(proc.nb, path)
 
 
@@ -123,14 +128,15 @@ def _nbloop_param_table():
     cell = lambda v: str(v).replace('|', chr(92) + '|').replace(chr(10), ' ')
     def table(self):
         if self.sig is None: return ''
-        try: notes = docments(self.sym)
+        try: notes = docments(self.sym, args_kwargs=True)
         except Exception: notes = {}
+        shown = lambda v: f'{v.__module__}.{v.__qualname__}' if hasattr(v, '__qualname__') and hasattr(v, '__module__') else repr(v)
         rows = []
-        for name, p in self.sig.parameters.items():
-            if name in ('self', 'cls'): continue
+        for i, (name, p) in enumerate(self.sig.parameters.items()):
+            if i == 0 and name in ('self', 'cls'): continue
             star = '*' if p.kind == p.VAR_POSITIONAL else '**' if p.kind == p.VAR_KEYWORD else ''
             anno = '' if p.annotation is p.empty else inspect.formatannotation(p.annotation)
-            default = '' if p.default is p.empty else repr(p.default)
+            default = '' if p.default is p.empty else shown(p.default)   # a function by its name, not its address
             rows.append(f'| `{star}{name}` | {cell(anno)} | {cell(default)} | {cell((notes or {}).get(name) or "")} |')
         if not rows: return ''
         return '\\n\\n|  | **Type** | **Default** | **Details** |\\n| -- | -------- | ----------- | ----------- |\\n' + '\\n'.join(rows)
@@ -281,15 +287,18 @@ def write_back(executed: Path, original: Path) -> None:
 
 
 def render() -> None:
-    "Steps 3 and 4: nbdev's processors, then Quarto through nbdev_docs, or smalldocs."
+    """Steps 3 and 4: nbdev's processors into `_proc/`, then `quarto render` there as `nbdev_docs` does, or smalldocs.
+    (`nbdev_docs` itself would also rewrite README.md with Quarto, which `make readme` writes in its own way.)"""
+    from nbdev.serve import proc_nbs
     bin_ = Path(sys.executable).parent
     shutil.rmtree(PROC, ignore_errors=True)
-    if shutil.which('quarto'):
-        subprocess.run([str(bin_ / 'nbdev_docs'), '--path', str(STAGE)], cwd=ROOT, check=True)
-        return
-    from nbdev.serve import proc_nbs
     os.chdir(ROOT)
     proc_nbs(str(STAGE), n_workers=0, force=True)
+    if shutil.which('quarto'):
+        subprocess.run(['quarto', 'render', '--no-cache'], cwd=PROC, check=True)
+        shutil.rmtree(SITE, ignore_errors=True)
+        shutil.move(str(PROC / '_docs'), str(SITE))
+        return
     pages = {}
     for nb in PROC.rglob('*.ipynb'):     # Quarto names a page by its `output-file`; smalldocs by the notebook's name
         text = nb.read_text()
