@@ -246,3 +246,23 @@ def test_reference_lint_finds_problems():
              {'kind': 'code', 'source': 'import os\nos.getcwd()', 'outputs': []}]
     found = docs.lint_reference(cells)
     assert found == ['show_doc(f): no example right below it', "visible code imports: 'import os\\nos.getcwd()'"]
+
+
+def test_with_quarto_the_build_runs_quarto_render_in_proc(build, tmp_path, monkeypatch):
+    """Where Quarto is installed, the pages nbdev's processors made are rendered by `quarto render` in `_proc/`
+    (as nbdev_docs does) and the result lands in the site folder. Quarto is not installable here, so a stand-in
+    `quarto` records how it was called and writes a page."""
+    fake = tmp_path / 'bin' / 'quarto'
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$PWD $@" > "$QUARTO_LOG"\nls "$PWD" >> "$QUARTO_LOG"\n'
+                    'mkdir -p _docs && echo rendered > _docs/index.html\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv('PATH', f'{fake.parent}:' + __import__('os').environ['PATH'])
+    monkeypatch.setenv('QUARTO_LOG', str(tmp_path / 'log'))
+    monkeypatch.setattr(docs, 'SITE', tmp_path / 'site')
+    docs.render()
+    called = (tmp_path / 'log').read_text().splitlines()
+    assert called[0] == f'{PROC} render --no-cache'
+    assert {'_quarto.yml', '09_learner.ipynb', 'tutorials'} <= set(called[1:])
+    assert (tmp_path / 'site' / 'index.html').read_text() == 'rendered\n'
+    assert 'show_doc' in (PROC / '09_learner.ipynb').read_text()      # nbdev's processed pages were rendered
