@@ -294,6 +294,10 @@ def render() -> None:
     shutil.rmtree(PROC, ignore_errors=True)
     os.chdir(ROOT)
     proc_nbs(str(STAGE), n_workers=0, force=True)
+    for nb in PROC.rglob('*.ipynb'):      # nbdev's processors add cells (around show_doc output) without ids
+        data = json.loads(nb.read_text())
+        for i, cell in enumerate(data['cells']): cell.setdefault('id', f'nbloop-proc-{i}')
+        nb.write_text(json.dumps(data, indent=1))
     if shutil.which('quarto'):
         subprocess.run(['quarto', 'render', '--no-cache'], cwd=PROC, check=True)
         shutil.rmtree(SITE, ignore_errors=True)
