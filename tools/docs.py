@@ -294,25 +294,23 @@ def render() -> None:
     shutil.rmtree(PROC, ignore_errors=True)
     os.chdir(ROOT)
     proc_nbs(str(STAGE), n_workers=0, force=True)
-    for nb in PROC.rglob('*.ipynb'):      # nbdev's processors add cells (around show_doc output) without ids
+    quarto = shutil.which('quarto') is not None
+    pages = {}     # Quarto names a page by its `output-file`; smalldocs by the notebook's name
+    for nb in PROC.rglob('*.ipynb'):
         data = json.loads(nb.read_text())
-        for i, cell in enumerate(data['cells']): cell.setdefault('id', f'nbloop-proc-{i}')
+        for i, cell in enumerate(data['cells']):
+            cell.setdefault('id', f'nbloop-proc-{i}')    # nbdev's processors add cells (around show_doc) without ids
+            src = ''.join(cell.get('source', ''))
+            m = None if quarto else re.search(r'output-file: ([\w.-]+)\.html\n?', src)
+            if m:
+                pages[str(nb.relative_to(PROC).parent / m.group(1))] = str(nb.relative_to(PROC).with_suffix(''))
+                cell['source'] = src.replace(m.group(0), '')
         nb.write_text(json.dumps(data, indent=1))
-    if shutil.which('quarto'):
-        subprocess.run(['quarto', 'render', '--no-cache'], cwd=PROC, check=True)
-        shutil.rmtree(SITE, ignore_errors=True)
-        shutil.move(str(PROC / '_docs'), str(SITE))
-        return
-    pages = {}
-    for nb in PROC.rglob('*.ipynb'):     # Quarto names a page by its `output-file`; smalldocs by the notebook's name
-        text = nb.read_text()
-        m = re.search(r'output-file: ([\w.-]+)\.html', text)
-        if m: pages[str(nb.relative_to(PROC).parent / m.group(1))] = str(nb.relative_to(PROC).with_suffix(''))
-        nb.write_text(re.sub(r'output-file: [\w.-]+\.html(\\n)?', '', text))
-    subprocess.run([str(bin_ / 'smalldocs'), 'render', '--strict', '--quiet', str(PROC)], cwd=ROOT, check=True)
+    if quarto: subprocess.run(['quarto', 'render', '--no-cache'], cwd=PROC, check=True)
+    else: subprocess.run([str(bin_ / 'smalldocs'), 'render', '--strict', '--quiet', str(PROC)], cwd=ROOT, check=True)
     shutil.rmtree(SITE, ignore_errors=True)
     shutil.move(str(PROC / '_docs'), str(SITE))
-    relink(pages)
+    if not quarto: relink(pages)
 
 
 def relink(pages: dict[str, str]) -> None:
