@@ -5,12 +5,14 @@
 # %% ../nbs/00_core.ipynb #d164f3bf
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import random
 import re
+import reprlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 from typing import Any
 
@@ -21,9 +23,10 @@ import torch
 __all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'FOREIGN_HOOKS', 'Event', 'CancelBatchException', 'CancelTrainException',
            'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'camel_to_snake', 'Callback',
            'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback', 'handlers_of', 'build_dispatch',
-           'MonitorCallback', 'RunState', 'default_device', 'to_device', 'BatchError', 'describe', 'split_batch',
-           'check_state', 'get_rng_state', 'set_rng_state', 'DebiasedEMA', 'new_figure', 'get_rank', 'get_world_size',
-           'is_main_process', 'unwrap_model']
+           'check_resume', 'stateful', 'check_callback_states', 'patch', 'CallbackHost', 'fire_all', 'MonitorCallback',
+           'default_device', 'to_device', 'BatchError', 'describe', 'split_batch', 'FitError', 'ModelError',
+           'call_model', 'LossError', 'compute_loss', 'check_trainable', 'check_state', 'short', 'is_index', 'expect',
+           'get_rng_state', 'set_rng_state', 'check_rng_state', 'DebiasedEMA', 'new_figure', 'unwrap_model']
 
 # %% ../nbs/00_core.ipynb #8cbfe84a
 class Event(str, Enum):
@@ -192,15 +195,219 @@ def handlers_of(cb: Callback,   # A callback (see `as_callback`)
 
 # %% ../nbs/00_core.ipynb #8c0e61a8
 def build_dispatch(cbs: Iterable[Callback],     # The callbacks, in the order added (which breaks ties of `order`)
-                   main_process: bool = True,   # Whether this is the main process; False drops `main_process_only` ones
                    ) -> dict[str, list[Callable]]:
-    """A table from each event (as a plain `str`, the fastest dict key) to the handlers of `cbs`, sorted by `order`
-    (stable); outside the main process, callbacks that are `main_process_only` are left out."""
+    "A table from each event (as a plain `str`, the fastest dict key) to the handlers of `cbs`, sorted by `order` (stable)."
     table: dict[Event, list[tuple[int, int, Callable]]] = {}
     for i, cb in enumerate(cbs):
-        if cb.main_process_only and not main_process: continue
         for ev, fn in handlers_of(cb).items(): table.setdefault(ev, []).append((cb.order, i, fn))
     return {ev.value: [fn for _, _, fn in sorted(entries, key=lambda e: e[:2])] for ev, entries in table.items()}
+
+# %% ../nbs/00_core.ipynb #ac51a4cb
+def check_resume(resume: Any,  # None, 'last', or a checkpoint's path (a str or os.PathLike)
+                 ) -> None:
+    "Raise TypeError unless `resume` is None, 'last' or a path (`fit` checks it before anything changes)."
+    if resume is not None and (isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike))):
+        raise TypeError(f"resume must be None (start fresh), 'last' (the newest checkpoint in the CheckpointCallback's "
+                        f"folder) or the path of a checkpoint file (a str or os.PathLike); got {resume!r} "
+                        f"({type(resume).__name__})")
+
+# %% ../nbs/00_core.ipynb #d7a2c9e4
+def stateful(cbs: Iterable[Callback],   # Callbacks, in the order added
+             ) -> list[tuple[str, Callback]]:
+    "The callbacks that have a state to save (`state_dict` and `load_state_dict`), by name; a repeated name gets `_2`, `_3`, ..."
+    seen, named = {}, []
+    for cb in cbs:
+        if not hasattr(cb, 'state_dict') or not hasattr(cb, 'load_state_dict'): continue
+        seen[cb.name] = seen.get(cb.name, 0) + 1
+        named.append((cb.name if seen[cb.name] == 1 else f'{cb.name}_{seen[cb.name]}', cb))
+    return named
+
+# %% ../nbs/00_core.ipynb #4a9d6e0c
+def check_callback_states(named: list[tuple[str, Callback]],   # The callbacks by name (see `stateful`)
+                          state: dict,                          # A training state: its 'callbacks', and each process's
+                          ) -> None:
+    "Raise `ValueError` unless `state` holds callback states by name, each one its callback can load (`check_state_dict`)."
+    expect(isinstance(state.get('callbacks'), dict), 'callbacks', 'a dict of callback states by name', state.get('callbacks'))
+    for states in [state['callbacks']] + [part.get('callbacks', {}) for part in state.get('ranks', [])]:
+        for name, cb in named:
+            try:
+                if name in states and hasattr(cb, 'check_state_dict'): cb.check_state_dict(states[name])
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"the state of callback '{name}' is not one it can load ({e})") from e
+
+# %% ../nbs/00_core.ipynb #6c3e2a91
+def patch(fn: Callable,   # A function whose first parameter is annotated with a class: `def fit(self: Learner, ...)`
+          ) -> Callable:
+    """Make `fn` a method of the class its first parameter is annotated with, so that a notebook can build a class
+    cell by cell, each method with its prose and its tests (as fastai's notebooks do; nbloop uses it within one module)."""
+    cls = next(iter(fn.__annotations__.values()))          # the first parameter's (wrappers keep annotations)
+    if isinstance(cls, str): cls = getattr(fn, '__wrapped__', fn).__globals__[cls]
+    fn.__qualname__ = f'{cls.__name__}.{fn.__name__}'
+    setattr(cls, fn.__name__, fn)
+    return fn
+
+# %% ../nbs/00_core.ipynb #3f1c9a02
+_CANCELS = (CancelBatchException, CancelTrainException, CancelValidateException, CancelEpochException,
+            CancelFitException)
+_EVENTS = {n: (f'before_{n}', f'after_cancel_{n}', f'after_{n}') for n in ('batch', 'train', 'validate', 'epoch', 'fit')}
+_LOOP_LAYOUT = [
+    ('before_fit', 0), ('before_epoch', 1), ('before_train', 2), ('[each training batch]', 3),
+    ('before_batch', 4), ('after_pred', 4), ('after_loss', 4), ('before_backward', 4), ('after_backward', 4),
+    ('before_step', 4), ('after_step', 4), ('after_cancel_batch', 4), ('after_batch', 4), ('after_cancel_train', 2),
+    ('after_train', 2), ('before_validate', 2), ('[each validation batch]', 3), ('before_batch', 4),
+    ('after_pred', 4), ('after_loss', 4), ('after_cancel_batch', 4), ('after_batch', 4), ('after_cancel_validate', 2),
+    ('after_validate', 2), ('after_cancel_epoch', 1), ('after_epoch', 1), ('after_cancel_fit', 0), ('after_fit', 0)]
+
+class CallbackHost:
+    """Holds callbacks and fires events at them: the registry and dispatch that a training loop (the `Learner`) is
+    built on. `runs_here(cb)` says which callbacks run in this process (the learner's runtime leaves callbacks that
+    are `main_process_only` out of every process but the one that displays and writes)."""
+    def __init__(self,
+                 cbs: Iterable = (),                                # Callbacks as `add_cbs` takes them
+                 runs_here: Callable[[Callback], bool] | None = None,  # Whether a callback runs here; None: all do
+                 ):
+        self.cbs: list[Callback] = []
+        self._runs_here, self._deferred = runs_here, []
+        self.add_cbs(cbs)
+
+    def _rebuild(self) -> None:
+        "The dispatch table of the callbacks that run in this process, made again after any change."
+        self._dispatch = build_dispatch([cb for cb in self.cbs if self._runs_here is None or self._runs_here(cb)])
+
+    def add_cbs(self,
+                cbs: Iterable,  # Instances, `Callback` classes (instantiated), or functions `fn(learn, event)`
+                ) -> list[Callback]:
+        "Add callbacks (instances, classes, or functions `fn(learn, event)`); returns them as `Callback`s."
+        added = [as_callback(cb) for cb in cbs]
+        for cb in added: handlers_of(cb)          # rejects misspelt event methods now, not mid-training
+        self.cbs.extend(added)
+        self._rebuild()
+        return added
+
+    def add_cb(self,
+               cb,  # A `Callback` instance, a `Callback` class (instantiated), or a function `fn(learn, event)`
+               ) -> Callback:
+        "Add one callback."
+        return self.add_cbs([cb])[0]
+
+    def remove_cbs(self,
+                   cbs: Iterable,  # Instances to remove, or classes whose every instance goes; absent ones are fine
+                   ) -> None:
+        "Remove callbacks, given as instances or classes."
+        for cb in list(cbs):
+            self.cbs = [c for c in self.cbs if not (c is cb or (isinstance(cb, type) and isinstance(c, cb)))]
+        self._rebuild()
+
+    def remove_cb(self,
+                  cb,  # An instance to remove, or a class whose every instance goes; absent is fine
+                  ) -> None:
+        "Remove a callback (an instance, or every instance of a class)."
+        self.remove_cbs([cb])
+
+    def get_cb(self,
+               cls: type,  # The callback class to look for (subclasses match too)
+               ) -> Callback | None:
+        "The first callback that is an instance of `cls`, or None."
+        return next((c for c in self.cbs if isinstance(c, cls)), None)
+
+    @contextlib.contextmanager
+    def added_cbs(self,
+                  cbs: Iterable,  # Callbacks as `add_cbs` takes them; the block gets them as `Callback`s
+                  ) -> Iterator[list[Callback]]:
+        "Add callbacks for the duration of a `with` block."
+        added = self.add_cbs(cbs)
+        try: yield added
+        finally: self.remove_cbs(added)
+
+    @contextlib.contextmanager
+    def removed_cbs(self,
+                    cbs: Iterable,  # Instances, or classes whose every instance goes, for the block
+                    ) -> Iterator[None]:
+        "Remove callbacks for the duration of a `with` block, then put them back where they were."
+        saved = list(self.cbs)
+        self.remove_cbs(cbs)
+        try: yield
+        finally:
+            self.cbs = saved
+            self._rebuild()
+
+# %% ../nbs/00_core.ipynb #4d2a8c1e
+@patch
+def defer(self: CallbackHost,
+          fn: Callable[[], Any],  # Called with no arguments after the event's last handler
+          ) -> None:
+    "Call `fn()` once every handler of the event being fired has run (also when one cancelled), whatever the orders."
+    self._deferred.append(fn)
+
+@patch
+def _run_deferred(self: CallbackHost) -> None:
+    todo, self._deferred = self._deferred, []
+    for fn in todo: fn()
+
+@patch
+def _fire(self: CallbackHost, event: str) -> None:
+    "Call the handlers of `event` in order, then what they deferred (also when one of them cancels or fails)."
+    try:
+        for handler in self._dispatch.get(event, ()): handler(self)
+    finally:
+        if self._deferred: self._run_deferred()
+
+@patch
+def _with_events(self: CallbackHost,
+                 name: str,                             # The level: 'fit', 'epoch', 'train', 'validate' or 'batch'
+                 cancel: type[Exception],               # The exception that cancels this level
+                 body: Callable[[], None],              # What runs between before_<name> and after_<name>
+                 finish: Callable[[], None] | None = None,  # Runs right before after_<name>, also after a cancel
+                 ) -> None:
+    """Fire before_<name> and run `body`; `cancel` fires after_cancel_<name>; then `finish()` and after_<name>.
+    after_fit runs however the fit ends: every handler runs even when one fails, and after an error or an
+    interrupt their failures are warnings, so that the error you see is the one that stopped the fit."""
+    before, after_cancel, after = _EVENTS[name]
+    try:
+        self._fire(before)
+        body()
+    except cancel: self._fire(after_cancel)
+    except BaseException:
+        if name == 'fit': fire_all(self, after, cleanup=True)
+        raise
+    if finish is not None: finish()
+    if name == 'fit': fire_all(self, after)
+    else: self._fire(after)
+
+# %% ../nbs/00_core.ipynb #5e3b9d2f
+@patch
+def show_training_loop(self: CallbackHost) -> None:
+    "Print, for each event in loop order, the callbacks that run at it."
+    handled = {}
+    for cb in sorted(self.cbs, key=lambda c: c.order):
+        for ev in handlers_of(cb): handled.setdefault(ev.value, []).append(cb.name if isinstance(cb, FunctionCallback) else type(cb).__name__)
+    lines = []
+    for ev, depth in _LOOP_LAYOUT:
+        names = handled.get(ev)
+        if ev.startswith('['): lines.append('  ' * depth + ev)
+        elif names: lines.append('  ' * depth + f'{ev}: ' + ', '.join(names))
+        elif not ev.startswith('after_cancel'): lines.append('  ' * depth + f'{ev}: -')
+    print('\n'.join(lines))
+
+# %% ../nbs/00_core.ipynb #f2e8a1b7
+def fire_all(host: CallbackHost,       # The host (the learner), passed to each handler
+             event: str,               # The event: 'after_fit'
+             cleanup: bool = False,    # The fit is ending with an error or an interrupt
+             ) -> None:
+    """Run every handler of `event`, and what they defer, whatever any of them raises (not even a KeyboardInterrupt
+    skips the rest). In `cleanup` failures become warnings, so that the error (or interrupt) you see is the one that
+    stopped the fit; otherwise the first failure is raised once all have run, and the others are warnings."""
+    failures = []
+    def attempt(fn, *args):
+        try: fn(*args)
+        except BaseException as e: failures.append((fn, e))
+    for handler in host._dispatch.get(event, ()): attempt(handler, host)
+    while host._deferred: attempt(host._deferred.pop(0))
+    for i, (fn, e) in enumerate(failures):
+        if i == 0 and not cleanup: continue
+        when = 'while cleaning up after an error or interrupt' if cleanup else f'after another {event} failure'
+        warnings.warn(f'{type(getattr(fn, "__self__", fn)).__name__}.{event} failed {when}: {type(e).__name__}: {e}')
+    if failures and not cleanup: raise failures[0][1]
 
 # %% ../nbs/00_core.ipynb #063ac8ca
 class MonitorCallback(Callback):
@@ -216,11 +423,10 @@ class MonitorCallback(Callback):
         self.best, self.best_epoch = None, None
 
     def monitored(self,
-                  learn,   # The learner: its `recorder.history` and `epoch` are read
+                  learn,   # The learner: the row of the epoch that just ended, `learn.state.last_row`, is read
                   ) -> float | None:
-        "The monitored value of the epoch that just ended, or None when the history has no such column for it."
-        row = learn.recorder.history[-1] if learn.recorder.history else {}
-        return row.get(self.monitor) if row.get('epoch') == learn.epoch else None
+        "The monitored value of the epoch that just ended (its row, `learn.state.last_row`), or None if it has no such column."
+        return learn.state.last_row.get(self.monitor)
 
     def improved(self,
                  value: float | None,   # The monitored value; None or NaN never improves
@@ -236,67 +442,6 @@ class MonitorCallback(Callback):
                  ) -> None:
         "Keep `value` as the best, reached at `epoch`."
         self.best, self.best_epoch = value, epoch
-
-# %% ../nbs/00_core.ipynb #438ebb4a
-class RunState:
-    "The counters of a fit, its position and the current epoch's row: what `fit` advances and a checkpoint needs to continue it."
-    names = ('epoch', 'n_epochs', 'iter', 'n_iter', 'train_iter', 'total_steps', 'training', 'pct_train',
-             'fit_method', 'interrupted', 'resumed_from')
-
-    def __init__(self): self.reset()
-
-    def reset(self,
-              n_epochs: int = 0,                # How many epochs the fit runs
-              total_steps: int | None = None,   # Training batches of the whole fit; None when unknown
-              fit_method: str = 'fit',          # The learner method running the fit ('fit', 'fit_one_cycle', 'lr_find')
-              ) -> None:
-        "Start a new fit of `n_epochs` epochs (`total_steps` training batches, None when unknown)."
-        self.epoch = self.iter = self.train_iter = 0
-        self.n_epochs, self.total_steps, self.fit_method = n_epochs, total_steps, fit_method
-        self.n_iter, self.training, self.pct_train, self.interrupted, self.resumed_from = None, False, 0., None, None
-        self.row: dict = {}       # the current epoch's row of the history, as the Recorder builds it
-
-    def advance(self) -> None:
-        "Count one more training batch done."
-        self.train_iter += 1
-        self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
-
-    def after_batch_position(self) -> dict:
-        "Continue right after the current training batch."
-        return {'epoch': self.epoch, 'iter': self.iter + 1, 'phase': 'train'}
-
-    def end_of_epoch_position(self) -> dict:
-        "Continue with the next epoch."
-        return {'epoch': self.epoch + 1, 'iter': 0, 'phase': 'end'}
-
-    def position_now(self) -> dict:
-        "Where a stop now continues: after this training batch, or (in validation) at this epoch's validation."
-        return self.after_batch_position() if self.training else {'epoch': self.epoch, 'iter': 0, 'phase': 'valid'}
-
-    def state_dict(self,
-                   position: dict,   # Where the fit continues: `{'epoch', 'iter', 'phase'}`, e.g. `position_now()`
-                   ) -> dict:
-        "What a checkpoint stores to continue this fit at `position`."
-        return {'position': dict(position), 'train_iter': self.train_iter, 'n_epochs': self.n_epochs,
-                'total_steps': self.total_steps, 'row': dict(self.row)}
-
-    def load_state_dict(self,
-                        state: dict,   # What `state_dict` returned (from a checkpoint)
-                        ) -> dict:
-        "Continue from a checkpoint's `state_dict`; returns its position."
-        self.train_iter = state['train_iter']
-        self.row = dict(state.get('row') or {})
-        self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
-        return dict(state['position'])
-
-    def snapshot(self) -> dict:
-        "All counters, to put back with `restore` (for `lr_find`)."
-        return {**{k: getattr(self, k) for k in self.names}, 'row': dict(self.row)}
-
-    def restore(self,
-                saved: dict,   # What `snapshot` returned
-                ) -> None:
-        for k, v in saved.items(): setattr(self, k, v)
 
 # %% ../nbs/00_core.ipynb #8d5c6c88
 def default_device() -> torch.device:
@@ -341,6 +486,67 @@ def split_batch(batch: Any,                       # What a dataloader yielded: `
                          f"(*xs, y): a tuple or list of at least two items, the inputs then the target.")
     return tuple(batch[:-1]), (batch[-1],)
 
+# %% ../nbs/00_core.ipynb #5d2e8b40
+class FitError(RuntimeError):
+    "`fit` cannot run as asked (called from inside a running fit, a model with nothing to train, ...)."
+
+# %% ../nbs/00_core.ipynb #8f897072
+class ModelError(RuntimeError):
+    "The model rejected the batch's inputs."
+
+# %% ../nbs/00_core.ipynb #c2a7e915
+def call_model(model: torch.nn.Module,   # The model, called as `model(*xb)`
+               xb: tuple,                 # The batch's inputs
+               source: str,               # Where the batch came from ('train_dl', ...), named in the error message
+               first: bool,               # Whether this is the phase's first batch (a RuntimeError there is a mismatch)
+               ) -> Any:
+    """`model(*xb)`; a `TypeError` (an argument mismatch), or a `RuntimeError` on the first batch (most likely a shape
+    mismatch), becomes a `ModelError` that says how a batch feeds the model."""
+    try: return model(*xb)
+    except (TypeError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and (not first or isinstance(e, torch.cuda.OutOfMemoryError)): raise
+        raise ModelError(f'the model ({type(model).__name__}) failed on a batch of {source}, called as model(*xs) with '
+                         f'{len(xb)} input(s): {describe(xb)}: {type(e).__name__}: {e}. A batch (x, y) feeds model(x), a '
+                         f'batch (x1, x2, y) feeds model(x1, x2): check that the batch has one item per model input, '
+                         f'then the target, and that their shapes fit the model.') from e
+
+# %% ../nbs/00_core.ipynb #a3c8d2f1
+class LossError(RuntimeError):
+    "The loss function rejected its inputs or did not return a scalar."
+
+# %% ../nbs/00_core.ipynb #6b9e0c7d
+def compute_loss(loss_func: Callable,   # Called as `loss_func(pred, *yb)`
+                 pred: Any,             # The model's output
+                 yb: tuple,             # The batch's targets
+                 training: bool,        # Whether the loss is back-propagated (it must then have a gradient)
+                 ) -> torch.Tensor:
+    "`loss_func(pred, *yb)` as a 0-d tensor; a loss that fails, is no scalar or has no gradient raises a `LossError` saying why."
+    try: loss = loss_func(pred, *yb)
+    except Exception as e:
+        name = getattr(loss_func, '__name__', type(loss_func).__name__)
+        raise LossError(f'loss_func {name} failed on predictions ({describe(pred)}) and targets ({describe(yb[0])}): '
+                        f'{type(e).__name__}: {e}. Check that the model output and the targets have the shapes and '
+                        f'dtypes this loss expects.') from e
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1: loss = loss.reshape(())
+        else: raise LossError(f'loss_func must return a scalar (a 0-d tensor), but it returned a {describe(loss)}; '
+                              f"reduce it, e.g. with .mean() or reduction='mean'.")
+    if training and not loss.requires_grad and torch.is_grad_enabled():
+        raise LossError('the loss has no gradient (requires_grad=False), so backward() cannot train the model: it '
+                        'does not depend on any trainable parameter. Compute it from the predictions without '
+                        '.detach(), .item(), argmax or torch.no_grad(), and check that the model has trainable '
+                        'parameters.')
+    return loss
+
+# %% ../nbs/00_core.ipynb #e41f0b6a
+def check_trainable(model: torch.nn.Module,   # The model a fit would train
+                    ) -> None:
+    "Raise `FitError` if every parameter of `model` is frozen: training would change nothing."
+    if not any(p.requires_grad for p in model.parameters()):
+        raise FitError(f'every parameter of the model ({type(model).__name__}) is frozen (requires_grad=False), so '
+                       f'training would change nothing. Unfreeze what should train, e.g. '
+                       f'`for p in model.head.parameters(): p.requires_grad_(True)`.')
+
 # %% ../nbs/00_core.ipynb #abc25f83
 def check_state(state: Any,                                         # The state to check, as `load_state_dict` gets it
                 owner: str,                                         # Whose it is (e.g. a class name), for the message
@@ -354,21 +560,74 @@ def check_state(state: Any,                                         # The state 
         ok = isinstance(value, kind) if isinstance(kind, (type, tuple)) else kind(value)
         if not ok: raise ValueError(f"the state of {owner} has a '{key}' that is a {describe(value)}, which it cannot load")
 
+# %% ../nbs/00_core.ipynb #2f6a7c3d
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxstring, _REPR.maxother = 3, 4, 6, 6, 40, 40
+
+def short(obj: Any,   # Anything, however large or deep
+          ) -> str:
+    "A short description of a value found in a state or a file, for error messages (cheap, whatever its size)."
+    return f'{type(obj).__name__} {_REPR.repr(obj)}'
+
+def is_index(x: Any,   # The value to test
+             ) -> bool:
+    "Whether `x` is a whole number >= 0 (an int, and not a bool)."
+    return type(x) is int and x >= 0
+
+def expect(ok: bool,       # Whether the value is right
+           where: str,     # Where the value is, e.g. 'training.position'
+           expected: str,  # What it should be
+           found: Any,     # What it is
+           ) -> None:
+    "Raise `ValueError('<where> should be <expected>, found <found>')` unless `ok`: how states are checked piece by piece."
+    if not ok: raise ValueError(f'{where} should be {expected}, found {short(found)}')
+
 # %% ../nbs/00_core.ipynb #b1adc27d
-def get_rng_state() -> dict:
-    "The states of python's, numpy's, torch's and CUDA's global random generators."
+def get_rng_state(generators: Iterable[torch.Generator] | None = None,   # Other generators too (a data pipeline's)
+                  ) -> dict:
+    "The states of python's, numpy's, torch's and CUDA's global random generators (and in 'generators', of `generators`)."
     state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized(): state['cuda'] = torch.cuda.get_rng_state_all()
+    if generators is not None: state['generators'] = [g.get_state() for g in generators]
     return state
 
 # %% ../nbs/00_core.ipynb #41992eb6
-def set_rng_state(state: dict,   # What `get_rng_state` returned
+def set_rng_state(state: dict,                                         # What `get_rng_state` returned
+                  generators: Iterable[torch.Generator] | None = None,  # The generators its 'generators' are of, in order
                   ) -> None:
-    "Restore random generator states captured by `get_rng_state`."
+    "Restore random generator states captured by `get_rng_state` (a warning if `generators` are not as many as saved)."
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
+    if generators is None: return
+    saved, generators = state.get('generators', []), list(generators)
+    if len(saved) != len(generators):
+        warnings.warn(f'the checkpoint holds the states of {len(saved)} data generator(s), but train_dl and valid_dl '
+                      f'now have {len(generators)}: their random order will differ from the interrupted run')
+    for g, s in zip(generators, saved): g.set_state(s)
+
+# %% ../nbs/00_core.ipynb #7e1d4c58
+def check_rng_state(rng: Any,   # Random states as `get_rng_state` returns them (maybe with 'generators')
+                    ) -> None:
+    "Raise `ValueError` unless `rng` holds random states that load: each is tried on a scratch generator of its kind."
+    expect(isinstance(rng, dict) and {'python', 'numpy', 'torch'} <= set(rng), 'rng',
+           "a dict with the 'python', 'numpy' and 'torch' generator states", rng)
+    for key, scratch in (('python', lambda s: random.Random().setstate(s)),
+                         ('numpy', lambda s: np.random.RandomState().set_state(s)),
+                         ('torch', lambda s: torch.Generator().set_state(s))):
+        try: scratch(rng[key]); ok = True
+        except (TypeError, ValueError, OverflowError, RuntimeError, KeyError, IndexError): ok = False
+        expect(ok, f'rng.{key}', f'a state of the {key} random generator', rng[key])
+    for key in ('cuda', 'generators'):        # CUDA's generators; the data pipeline's (DataLoader, samplers)
+        states = rng.get(key, [])
+        ok = isinstance(states, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
+                                              for t in states)
+        for t in states if ok else ():
+            try:
+                if len(t) != 16: torch.Generator().set_state(t)      # 16 bytes: a CUDA (Philox) state
+            except RuntimeError: ok = False
+        expect(ok, f'rng.{key}', 'a list of generator states (1-D uint8 tensors)', states)
 
 # %% ../nbs/00_core.ipynb #00a505bd
 class DebiasedEMA:
@@ -405,25 +664,6 @@ def new_figure(**kwargs: Any,   # Passed to matplotlib's `Figure`: `figsize`, `l
                 return buf.getvalue()
         _ShownFigure = ShownFigure
     return _ShownFigure(**kwargs)
-
-# %% ../nbs/00_core.ipynb #c6b1f811
-def get_rank() -> int:
-    "This process's rank among the training processes (0 when not distributed)."
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank()
-    return int(os.environ.get('RANK', 0))
-
-# %% ../nbs/00_core.ipynb #ee225f02
-def get_world_size() -> int:
-    "How many processes train together (1 when not distributed)."
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized(): return dist.get_world_size()
-    return int(os.environ.get('WORLD_SIZE', 1))
-
-# %% ../nbs/00_core.ipynb #68283347
-def is_main_process() -> bool:
-    "Whether this process is rank 0, the one that displays and writes."
-    return get_rank() == 0
 
 # %% ../nbs/00_core.ipynb #efe8bbda
 def unwrap_model(model: torch.nn.Module,   # A model, maybe wrapped in (Distributed)DataParallel and/or `torch.compile`

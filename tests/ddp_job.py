@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nbloop.checkpoint import CheckpointCallback, unwrap_model
-from nbloop.core import Callback
+from nbloop.checkpoint import CheckpointCallback
+from nbloop.core import Callback, unwrap_model
 from nbloop.learner import Learner
 from nbloop.loggers import CSVLogger
 from nbloop.metrics import accuracy

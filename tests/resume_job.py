@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import nbloop.checkpoint as ckpt
+import nbloop.ckpt_format as ckpt
+from nbloop.checkpoint import CheckpointCallback
 from nbloop.core import Callback
 from nbloop.learner import Learner
 
@@ -96,7 +97,7 @@ class PauseAt(Callback):
 
 
 def hook_writes(pause_at: int | None, fail_after: int | None, marker: Path | None) -> None:
-    "Wrap nbloop.checkpoint.write_checkpoint (which every checkpoint write goes through) to pause in or fail a write."
+    "Wrap nbloop.ckpt_format.write_checkpoint (which every checkpoint write goes through) to pause in or fail a write."
     real, count = ckpt.write_checkpoint, [0]
 
     def write_checkpoint(path, tensors, state=None, metadata=None):
@@ -141,7 +142,7 @@ def main(argv=None):
     train_dl = DataLoader(NoisyData(N_TRAIN, 1, augment=True), batch_size=BATCH, shuffle=True,
                           num_workers=args.num_workers)
     valid_dl = DataLoader(NoisyData(N_VALID, 2, augment=False), batch_size=BATCH, num_workers=args.num_workers)
-    cbs = [ckpt.CheckpointCallback(every_n_steps=EVERY_N_STEPS, keep_last=3)]
+    cbs = [CheckpointCallback(every_n_steps=EVERY_N_STEPS, keep_last=3)]
     pause_write = None
     if args.pause:
         kind, *nums = args.pause.split(':')

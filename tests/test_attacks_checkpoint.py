@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from nbloop.all import *
-from nbloop.checkpoint import _checksum
+from nbloop.ckpt_format import _checksum
 from nbloop.learner import synth_learner
 
 

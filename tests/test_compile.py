@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from nbloop.all import *
-from nbloop.checkpoint import list_checkpoints, load_state
+from nbloop.ckpt_format import list_checkpoints, load_state
 from nbloop.learner import synth_data
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import ROOT, env_for_subprocess
-from nbloop.checkpoint import list_checkpoints, load_state
+from nbloop.ckpt_format import list_checkpoints, load_state
 
 JOB = ROOT / 'tests' / 'ddp_job.py'
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run']

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import env_for_subprocess
-from nbloop.checkpoint import list_checkpoints, load_state, save_state
+from nbloop.ckpt_format import list_checkpoints, load_state, save_state
 
 JOB = Path(__file__).with_name('resume_job.py')
 TIMEOUT = 60            # seconds any one job may take (a normal one takes a few)
