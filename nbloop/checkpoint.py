@@ -15,11 +15,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .core import MonitorCallback, check_resume, is_index, new_figure, patch, short
+from .core import check_resume, is_index, new_figure, patch, short
 from .ckpt_format import (CheckpointError, CheckpointWriteError, check_tensors, checkpoint_info, checkpoint_name,
                           fsync_dir, list_checkpoints, load_model_state, load_state, new_run_id, scan_checkpoints,
                           temporary_path)
 from .learner import Learner
+from .training import MonitorCallback
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -23,10 +23,10 @@ import torch
 __all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'FOREIGN_HOOKS', 'Event', 'CancelBatchException', 'CancelTrainException',
            'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'camel_to_snake', 'Callback',
            'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback', 'handlers_of', 'build_dispatch',
-           'check_resume', 'stateful', 'check_callback_states', 'patch', 'CallbackHost', 'fire_all', 'MonitorCallback',
-           'default_device', 'to_device', 'BatchError', 'describe', 'split_batch', 'FitError', 'ModelError',
-           'call_model', 'LossError', 'compute_loss', 'check_trainable', 'check_state', 'short', 'is_index', 'expect',
-           'get_rng_state', 'set_rng_state', 'check_rng_state', 'DebiasedEMA', 'new_figure', 'unwrap_model']
+           'check_resume', 'stateful', 'check_callback_states', 'patch', 'forward_to', 'CallbackHost', 'fire_all',
+           'default_device', 'to_device', 'describe', 'FitError', 'ModelError', 'call_model', 'LossError',
+           'compute_loss', 'check_trainable', 'check_state', 'short', 'is_index', 'expect', 'get_rng_state',
+           'set_rng_state', 'check_rng_state', 'DebiasedEMA', 'new_figure', 'unwrap_model']
 
 # %% ../nbs/00_core.ipynb #8cbfe84a
 class Event(str, Enum):
@@ -246,6 +246,14 @@ def patch(fn: Callable,   # A function whose first parameter is annotated with a
     setattr(cls, fn.__name__, fn)
     return fn
 
+# %% ../nbs/00_core.ipynb #7d2f4b1c
+def forward_to(owner: str,  # The attribute that holds the value (e.g. 'state')
+               name: str,   # The attribute of that object (e.g. 'epoch')
+               ) -> property:
+    "A property that reads and writes `self.<owner>.<name>`: how a learner shows its `RunState`'s counters as its own."
+    return property(lambda self: getattr(getattr(self, owner), name),
+                    lambda self, value: setattr(getattr(self, owner), name, value), doc=f'`self.{owner}.{name}`')
+
 # %% ../nbs/00_core.ipynb #3f1c9a02
 _CANCELS = (CancelBatchException, CancelTrainException, CancelValidateException, CancelEpochException,
             CancelFitException)
@@ -409,40 +417,6 @@ def fire_all(host: CallbackHost,       # The host (the learner), passed to each 
         warnings.warn(f'{type(getattr(fn, "__self__", fn)).__name__}.{event} failed {when}: {type(e).__name__}: {e}')
     if failures and not cleanup: raise failures[0][1]
 
-# %% ../nbs/00_core.ipynb #063ac8ca
-class MonitorCallback(Callback):
-    "Base for callbacks that watch `monitor` in the history, in direction `mode`, and keep its best value and epoch."
-    def __init__(self,
-                 monitor: str = 'valid_loss',   # The history column to watch: 'valid_loss' or a metric's name
-                 mode: str = 'min',             # 'min' when lower is better, 'max' when higher is
-                 min_delta: float = 0.,         # How much a value must beat the best by to count (sign ignored)
-                 ):
-        if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if not isinstance(monitor, str): raise TypeError(f'monitor must be the name of a history column, got {monitor!r}')
-        self.monitor, self.mode, self.min_delta = monitor, mode, abs(min_delta)
-        self.best, self.best_epoch = None, None
-
-    def monitored(self,
-                  learn,   # The learner: the row of the epoch that just ended, `learn.state.last_row`, is read
-                  ) -> float | None:
-        "The monitored value of the epoch that just ended (its row, `learn.state.last_row`), or None if it has no such column."
-        return learn.state.last_row.get(self.monitor)
-
-    def improved(self,
-                 value: float | None,   # The monitored value; None or NaN never improves
-                 ) -> bool:
-        "Whether `value` beats the best so far by more than `min_delta` (None and NaN never do)."
-        if value is None or value != value: return False
-        if self.best is None: return True
-        return value < self.best - self.min_delta if self.mode == 'min' else value > self.best + self.min_delta
-
-    def remember(self,
-                 value: float,   # The new best value
-                 epoch: int,     # The epoch that reached it
-                 ) -> None:
-        "Keep `value` as the best, reached at `epoch`."
-        self.best, self.best_epoch = value, epoch
-
 # %% ../nbs/00_core.ipynb #8d5c6c88
 def default_device() -> torch.device:
     "CUDA if available, else MPS, else CPU."
@@ -462,10 +436,6 @@ def to_device(items: Any,             # A tensor, or nested tuples, lists and di
     if isinstance(items, dict): return {k: to_device(v, device) for k, v in items.items()}
     return items
 
-# %% ../nbs/00_core.ipynb #9d2b4292
-class BatchError(TypeError):
-    "A batch is not `(x, y)` or `(*xs, y)`."
-
 # %% ../nbs/00_core.ipynb #697e25e8
 def describe(obj: Any,   # Anything; tensors, tuples and lists are described in detail
              ) -> str:
@@ -475,16 +445,6 @@ def describe(obj: Any,   # Anything; tensors, tuples and lists are described in 
         inner = ', '.join(describe(o) for o in obj[:4]) + (', ...' if len(obj) > 4 else '')
         return f'{type(obj).__name__} of {len(obj)} item{"s" if len(obj) != 1 else ""} ({inner})'
     return f'{type(obj).__name__}'
-
-# %% ../nbs/00_core.ipynb #bcedcca9
-def split_batch(batch: Any,                       # What a dataloader yielded: `(x, y)` or `(*xs, y)`
-                source: str = 'the dataloader',   # Where the batch came from, named in the error message
-                ) -> tuple[tuple, tuple]:
-    "Split `batch` into `(xb, yb)` tuples: inputs and the target; raise `BatchError` if it is not `(x, y)`/`(*xs, y)`."
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise BatchError(f"{source} yielded a batch that is a {describe(batch)}; a batch is (x, y) or "
-                         f"(*xs, y): a tuple or list of at least two items, the inputs then the target.")
-    return tuple(batch[:-1]), (batch[-1],)
 
 # %% ../nbs/00_core.ipynb #5d2e8b40
 class FitError(RuntimeError):

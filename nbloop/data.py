@@ -19,8 +19,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from .core import describe, expect, is_index, patch
 
 # %% auto #0
-__all__ = ['digits_arrays', 'load_digits', 'is_replayable', 'EmptyDataError', 'check_dataloader', 'empty_message', 'EpochPlan',
-           'check_plan_state', 'epoch_plans', 'batches_per_epoch', 'data_generators']
+__all__ = ['digits_arrays', 'load_digits', 'is_replayable', 'BatchError', 'split_batch', 'EmptyDataError', 'check_dataloader',
+           'empty_message', 'EpochPlan', 'check_plan_state', 'epoch_plans', 'batches_per_epoch', 'data_generators']
 
 # %% ../nbs/02_data.ipynb #e725b9b5
 def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +91,20 @@ def is_replayable(dl: Any,  # A dataloader, or any iterable of batches
                   ) -> bool:
     "Whether `dl` is a `DataLoader` over a map-style dataset, so that epochs can be planned and replayed."
     return isinstance(dl, DataLoader) and not isinstance(dl.dataset, IterableDataset)
+
+# %% ../nbs/02_data.ipynb #9d2b4292
+class BatchError(TypeError):
+    "A batch is not `(x, y)` or `(*xs, y)`."
+
+# %% ../nbs/02_data.ipynb #bcedcca9
+def split_batch(batch: Any,                       # What a dataloader yielded: `(x, y)` or `(*xs, y)`
+                source: str = 'the dataloader',   # Where the batch came from, named in the error message
+                ) -> tuple[tuple, tuple]:
+    "Split `batch` into `(xb, yb)` tuples: inputs and the target; raise `BatchError` if it is not `(x, y)`/`(*xs, y)`."
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise BatchError(f"{source} yielded a batch that is a {describe(batch)}; a batch is (x, y) or "
+                         f"(*xs, y): a tuple or list of at least two items, the inputs then the target.")
+    return tuple(batch[:-1]), (batch[-1],)
 
 # %% ../nbs/02_data.ipynb #c91e0d55
 class EmptyDataError(ValueError):

@@ -19,10 +19,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .core import (CancelBatchException, CancelEpochException, CancelFitException, CancelTrainException,
                    CancelValidateException, Callback, CallbackHost, FitError, LossError, ModelError, call_model,
-                   check_callback_states, check_rng_state, compute_loss, describe, get_rng_state, patch, set_rng_state,
-                   split_batch, stateful, unwrap_model)
+                   check_callback_states, check_rng_state, compute_loss, describe, forward_to, get_rng_state, patch,
+                   set_rng_state, stateful, unwrap_model)
 from .state import RunState
-from .data import EmptyDataError, EpochPlan, batches_per_epoch, check_dataloader, check_plan_state, data_generators, epoch_plans
+from .data import (BatchError, EmptyDataError, EpochPlan, batches_per_epoch, check_dataloader, check_plan_state,
+                   data_generators, epoch_plans, split_batch)
 from .ckpt_format import (FORMAT_VERSION, check_state_fits, check_training_state, checkpoint_path, find_checkpoint,
                           load_model_state, load_state, optimizer_class, read_training_state)
 from .runtime import load_weights, make_runtime, runtime_settings, weights_state
@@ -32,12 +33,6 @@ from .schedule import LRFinder, LRFindResult, LRScheduler, has_momentum, one_cyc
 
 # %% auto #0
 __all__ = ['Learner', 'synth_data', 'synth_learner']
-
-# %% ../nbs/09_learner.ipynb #8f1d2c3e
-def _forward_to(owner: str, name: str) -> property:
-    "A property that reads and writes `self.<owner>.<name>`."
-    return property(lambda self: getattr(getattr(self, owner), name),
-                    lambda self, value: setattr(getattr(self, owner), name, value), doc=f'`self.{owner}.{name}`')
 
 # %% ../nbs/09_learner.ipynb #48a323e8
 class Learner(CallbackHost):
@@ -71,8 +66,8 @@ class Learner(CallbackHost):
         self.train_plan = self.valid_plan = None           # the fit's plans of its epochs (see `data`)
 
     (epoch, n_epochs, iter, n_iter, train_iter, total_steps, training, pct_train, fit_method, interrupted, resumed_from,
-     dl, xb, yb, pred, loss, loss_grad) = (_forward_to('state', n) for n in RunState.names)
-    device, scaler = _forward_to('runtime', 'device'), _forward_to('runtime', 'scaler')
+     dl, xb, yb, pred, loss, loss_grad) = (forward_to('state', n) for n in RunState.names)
+    device, scaler = forward_to('runtime', 'device'), forward_to('runtime', 'scaler')
     metrics = property(lambda self: self.recorder.metrics, lambda self, m: setattr(self.recorder, 'metrics', m),
                        doc='The metrics computed in validation (the recorder\'s); assigning a new list replaces them.')
 

@@ -13,14 +13,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Callback, DebiasedEMA, camel_to_snake, check_state, describe, new_figure, patch
+from .core import Callback, CallbackHost, DebiasedEMA, camel_to_snake, check_state, describe, forward_to, new_figure, patch
+from .state import RunState
+from .data import EpochPlan
+from .runtime import Runtime
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # %% auto #0
 __all__ = ['top5_accuracy', 'MetricError', 'Metric', 'batch_size_of', 'AvgMetric', 'ObjectMetric', 'CountMetric', 'EpochMetric',
-           'as_metric', 'predicted_class', 'accuracy', 'top_k_accuracy', 'MatthewsCorrCoef', 'Perplexity', 'Recorder']
+           'as_metric', 'predicted_class', 'accuracy', 'top_k_accuracy', 'MatthewsCorrCoef', 'Perplexity', 'Recorder',
+           'TinyLearner']
 
 # %% ../nbs/06_metrics.ipynb #9ec8f58d
 class MetricError(RuntimeError):
@@ -607,3 +611,67 @@ def _figure(ncols: int = 1, width: float = 6, height: float = 4):
     fig = new_figure(figsize=(width * min(ncols, 3) if ncols > 1 else width, height), layout='constrained')
     axs = fig.subplots(1, ncols)
     return fig, axs
+
+# %% ../nbs/06_metrics.ipynb #7f1e3d5a
+class TinyLearner(CallbackHost):
+    """A stand-in for the `Learner` (09_learner) on the pages before it: it trains `model` with SGD on `train` (a list
+    of `(x, y)` batches) and validates on `valid`, firing the loop's events in the loop's order (nothing is cancelled),
+    with the attributes the shipped callbacks read. A `Recorder` with `metrics` is always among its callbacks."""
+    def __init__(self,
+                 train: list,                                  # Training batches `(x, y)`
+                 valid: list | None = None,                    # Validation batches `(x, y)`; None: no validation
+                 model: torch.nn.Module | None = None,         # None: a linear regression on `x`'s last dimension
+                 loss_func: Callable = torch.nn.functional.mse_loss,  # `loss_func(pred, y)`
+                 lr: float = 0.1,                              # SGD's learning rate
+                 metrics: Sequence = (),                       # Validation metrics, as the Learner takes them
+                 cbs: Sequence = (),                           # More callbacks
+                 ):
+        self.model = model or torch.nn.Sequential(torch.nn.Linear(train[0][0].shape[-1], 1), torch.nn.Flatten(0))
+        self.train_dl, self.valid_dl, self.loss_func, self.recorder = train, valid, loss_func, Recorder(metrics)
+        self.opt, self.runtime, self.state = torch.optim.SGD(self.model.parameters(), lr=lr), Runtime('cpu'), RunState()
+        self.device = self.runtime.device
+        super().__init__([self.recorder, *cbs])
+
+    (epoch, n_epochs, iter, n_iter, train_iter, total_steps, training, pct_train, fit_method, interrupted, resumed_from,
+     dl, xb, yb, pred, loss, loss_grad) = (forward_to('state', n) for n in RunState.names)
+
+    def fit(self,
+            n_epochs: int,   # Epochs to train
+            ) -> None:
+        "Train `n_epochs` epochs: every event of the loop fires, in order."
+        self.state.reset(n_epochs, len(self.train_dl) * n_epochs)
+        with self.runtime.fitting(self.state, self.cbs):
+            self._fire('before_fit')
+            for _ in self.state.epochs():
+                self._fire('before_epoch')
+                self._phase(self.train_dl, True)
+                if self.valid_dl is not None: self._phase(self.valid_dl, False)
+                self.recorder.end_epoch(self)
+                self._fire('after_epoch')
+            self._fire('after_fit')
+
+    def _phase(self, batches: list, training: bool) -> None:
+        plan = EpochPlan(batches, 'train_dl' if training else 'valid_dl')
+        self.state.new_phase(training, plan)
+        self._fire('before_train' if training else 'before_validate')
+        for self.iter, (x, y) in plan.epoch():
+            self.state.new_batch((x,), (y,))
+            self._fire('before_batch')
+            with torch.set_grad_enabled(training):
+                self.pred = self.model(x)
+                self._fire('after_pred')
+                self.state.set_loss(self.loss_func(self.pred, y))
+                self._fire('after_loss')
+            if training: self._step()
+            self._fire('after_batch')
+            self.state.count_batch()
+        self._fire('after_train' if training else 'after_validate')
+
+    def _step(self) -> None:
+        self._fire('before_backward')
+        self.loss_grad.backward()
+        self._fire('after_backward')
+        self._fire('before_step')
+        self.opt.step()
+        self._fire('after_step')
+        self.opt.zero_grad()

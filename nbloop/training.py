@@ -9,11 +9,45 @@ import warnings
 
 import torch
 
-from .core import CancelFitException, Callback, MonitorCallback, check_state, unwrap_model
+from .core import CancelFitException, Callback, check_state, unwrap_model
 from .learner import Learner
 
 # %% auto #0
-__all__ = ['MixedPrecision', 'GradientAccumulation', 'GradientClip', 'EarlyStopping', 'TerminateOnNaN']
+__all__ = ['MonitorCallback', 'MixedPrecision', 'GradientAccumulation', 'GradientClip', 'EarlyStopping', 'TerminateOnNaN']
+
+# %% ../nbs/10_training.ipynb #063ac8ca
+class MonitorCallback(Callback):
+    "Base for callbacks that watch `monitor` in the history, in direction `mode`, and keep its best value and epoch."
+    def __init__(self,
+                 monitor: str = 'valid_loss',   # The history column to watch: 'valid_loss' or a metric's name
+                 mode: str = 'min',             # 'min' when lower is better, 'max' when higher is
+                 min_delta: float = 0.,         # How much a value must beat the best by to count (sign ignored)
+                 ):
+        if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(monitor, str): raise TypeError(f'monitor must be the name of a history column, got {monitor!r}')
+        self.monitor, self.mode, self.min_delta = monitor, mode, abs(min_delta)
+        self.best, self.best_epoch = None, None
+
+    def monitored(self,
+                  learn,   # The learner: the row of the epoch that just ended, `learn.state.last_row`, is read
+                  ) -> float | None:
+        "The monitored value of the epoch that just ended (its row, `learn.state.last_row`), or None if it has no such column."
+        return learn.state.last_row.get(self.monitor)
+
+    def improved(self,
+                 value: float | None,   # The monitored value; None or NaN never improves
+                 ) -> bool:
+        "Whether `value` beats the best so far by more than `min_delta` (None and NaN never do)."
+        if value is None or value != value: return False
+        if self.best is None: return True
+        return value < self.best - self.min_delta if self.mode == 'min' else value > self.best + self.min_delta
+
+    def remember(self,
+                 value: float,   # The new best value
+                 epoch: int,     # The epoch that reached it
+                 ) -> None:
+        "Keep `value` as the best, reached at `epoch`."
+        self.best, self.best_epoch = value, epoch
 
 # %% ../nbs/10_training.ipynb #77c4bebd
 class MixedPrecision(Callback):
