@@ -19,7 +19,8 @@ lines and nesting are then measured with `ast`.
   epoch against the learner's (`... == learn.epoch`): what `learn.state.last_row` replaces.
 - modules: the longest module; exported cells: the longest `#| export` cell of the notebooks.
 - import circles: modules that import each other, directly or not (`TYPE_CHECKING` imports included), and imports
-  that point up the layering of DESIGN.md (a module importing one listed after it).
+  that point up the layering (a module importing one listed after it in `LAYERS`).
+- the story: code cells of the notebooks numbered before 09_learner that use the Learner before it is introduced.
 """
 from __future__ import annotations
 
@@ -250,6 +251,19 @@ def cell_sizes(root: Path) -> tuple[int, str]:
     return worst
 
 
+LEARNER_USE = re.compile(r'\bsynth_learner\b|\bLearner\(|nbloop\.learner\b|from nbloop\.all import')
+
+
+def early_learner_cells(root: Path) -> dict[str, int]:
+    "Code cells of the notebooks numbered before the Learner's that use the Learner (it is introduced in 09_learner)."
+    found = {}
+    for nb in sorted((root / 'nbs').glob('0[0-8]*.ipynb')):
+        n = sum(1 for c in json.loads(nb.read_text()).get('cells', [])
+                if c.get('cell_type') == 'code' and LEARNER_USE.search(''.join(c.get('source', []))))
+        if n: found[nb.name] = n
+    return found
+
+
 def measure(root: Path = ROOT, trace: bool = True) -> dict:
     graph = imports(root)
     sizes = {m: len(p.read_text().splitlines()) for m, p in modules(root).items()}
@@ -258,7 +272,7 @@ def measure(root: Path = ROOT, trace: bool = True) -> dict:
     figures = {**learner_figures(root), 'distribution_tests': distribution_tests(root),
                'history_guards': history_guards(root), 'largest_module': (biggest, sizes[biggest]),
                'largest_exported_cell': (cell_nb, cell), 'import_circles': circles(graph),
-               'upward_imports': upward_imports(graph)}
+               'upward_imports': upward_imports(graph), 'early_learner_cells': early_learner_cells(root)}
     if trace: figures.update(fit_path(root))
     return figures
 
@@ -273,7 +287,8 @@ def main():
             ('largest module', f"{f['largest_module'][0]}.py, {f['largest_module'][1]} lines"),
             ('longest exported cell', f"{f['largest_exported_cell'][1]} lines ({f['largest_exported_cell'][0]})"),
             ('import circles', f['import_circles'] or 'none'),
-            ('imports up the layering', f['upward_imports'] or 'none')]
+            ('imports up the layering', f['upward_imports'] or 'none'),
+            ('cells using the Learner before its notebook', f"{sum(f['early_learner_cells'].values())} {f['early_learner_cells'] or ''}")]
     for k, v in rows: print(f'{k:52} {v}')
     print('fit path:', ', '.join(f['fit_path_names']))
 
