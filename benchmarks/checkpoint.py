@@ -4,7 +4,7 @@
    optimizer state doubles it; interleaved rounds time, writing to the same folder:
      torch.save      torch.save({'model': ..., 'opt': ...}) to a file, then flush and fsync: what a careful
                      hand-written loop does (it is neither atomic nor checksummed)
-     save_state      nbloop.checkpoint.save_state of the same two state dicts: safetensors with a checksum,
+     save_state      nbloop.ckpt_format.save_state of the same two state dicts: safetensors with a checksum,
                      written to a temporary file, fsynced, renamed over the old one, folder fsynced
      callback        CheckpointCallback.save on the Learner: the realistic case, which adds the gradients, the
                      RNG states, the epoch's planned batch order and the callbacks' states (the Recorder's losses)
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from nbloop.checkpoint import CheckpointCallback, save_state
+from nbloop.checkpoint import CheckpointCallback
+from nbloop.ckpt_format import save_state
 from nbloop.core import CancelFitException, Callback
 from nbloop.learner import Learner
 from common import Clock, interleaved, report
@@ -62,10 +63,9 @@ def bench_writes(folder: Path, rounds: int) -> None:
     learn, cb = big_learner(folder)
     state = {'model': learn.model.state_dict(), 'opt': learn.opt.state_dict()}
     mb = sum(t.numel() * t.element_size() for t in learn.model.state_dict().values()) / 2**20
-    position = {'epoch': 0, 'iter': 3, 'phase': 'train'}
     contenders = {'torch.save': lambda: torch_save(folder / 'plain.pt', state),
                   'save_state': lambda: save_state(folder / 'state.safetensors', state),
-                  'callback': lambda: cb.save(learn, position)}
+                  'callback': lambda: cb.save(learn)}
     wall, cpu = interleaved({k: clocked(f) for k, f in contenders.items()}, rounds)   # the warm-up makes the files
     files = {'torch.save': folder / 'plain.pt', 'save_state': folder / 'state.safetensors', 'callback': cb.last_path}
     print(f'1. Writing a checkpoint of a {mb:.0f} MB model with its AdamW state; {rounds} interleaved rounds, '

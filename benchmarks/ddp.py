@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nbloop.checkpoint import CheckpointCallback
 from nbloop.learner import Learner
-from nbloop.runtime import launch
+from nbloop.launch import launch
 import nbloop.runtime
 
 
@@ -95,7 +95,7 @@ def save_time(folder: str, rounds: int = 3) -> float:
     for _ in range(rounds):
         learn.runtime.barrier()
         t = time.perf_counter()
-        cb.save(learn, learn.state.after_batch_position())
+        cb.save(learn)
         learn.runtime.barrier()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
