@@ -332,9 +332,9 @@ def check_state_dict(self: Learner,
 def load_state_dict(self: Learner,
                     state: dict,  # A training state, from `state_dict` or a checkpoint (see `check_state_dict`)
                     ) -> None:
-    """Put a training state back, checked whole first. Inside a fit (a resume) the loop then starts at its position;
-    for a position inside an epoch, the loop puts the random states back once more where the interrupted run was
-    (`RunState.arrive`), since the events fired on the way there may draw random numbers."""
+    """Put a training state back, checked whole first. Inside a fit (a resume) the loop then starts at its position,
+    and the random states are put back where the loop reaches it: here for an epoch boundary, at the start of the
+    phase for a position inside an epoch (`RunState.arrive`), since the events fired on the way there may draw."""
     self.check_state_dict(state)
     source, total = state.get('path', 'the training state'), self.state.total_steps
     load_model_state(self.model, state['model'], strict=True, source=source)
@@ -348,8 +348,8 @@ def load_state_dict(self: Learner,
         if name in state['callbacks']: cb.load_state_dict(state['callbacks'][name])
         else: warnings.warn(f"the checkpoint has no state for callback '{name}'; it starts fresh")
     self.runtime.load_state_dict(state)
-    self.restore_rng(state['rng'])
-    self.state.pending_rng = None if pos['phase'] == 'end' else state['rng']
+    self.state.pending_rng = state['rng'] if self.state.fitting and pos['phase'] != 'end' else None
+    if self.state.pending_rng is None: self.restore_rng(state['rng'])   # else where the phase begins (`arrive`)
     if self.state.fitting: _warn_about_length(source, state['training'], total, self.state)
 
 def _warn_about_length(source: str, saved: dict, total: int | None, state: RunState) -> None:

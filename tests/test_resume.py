@@ -286,3 +286,33 @@ def test_checkpoints_of_every_header_length_read_back(tmp_path):
         assert torch.equal(load_state(path)['w'], torch.arange(3.)), f'header length {n} ({n:#x})'
         lengths.add(n)
     assert pk in lengths and {n % 256 for n in lengths} >= set(range(0, 256, 8))
+
+
+# -- checkpoints written before the redesign (issue 15) still resume, bit for bit ----------------------------------
+OLD = Path(__file__).parent / 'fixtures' / 'old_checkpoints'
+
+
+@pytest.mark.parametrize('name', sorted(p.name for p in OLD.glob('ckpt-*.safetensors')))
+def test_a_checkpoint_of_the_older_layout_resumes_to_the_older_uninterrupted_run(name, tmp_path):
+    """An older nbloop wrote these (see tests/fixtures/old_checkpoints/README.md: mixed precision with a grad scaler,
+    accumulation and early stopping, whose states were callbacks' then). Today's code resumes each and ends where
+    the older code's uninterrupted run ended: the same weights and history, bit for bit."""
+    import io, shutil, warnings
+    from contextlib import redirect_stdout
+    from nbloop.all import (accuracy, CheckpointCallback, CSVLogger, EarlyStopping, GradientAccumulation,
+                            MixedPrecision)
+    from nbloop.learner import synth_learner
+    (tmp_path / 'checkpoints').mkdir()
+    path = tmp_path / 'checkpoints' / name
+    shutil.copyfile(OLD / name, path)
+    learn = synth_learner(n_classes=3, metrics=[accuracy], path=tmp_path,
+                          cbs=[CheckpointCallback(every_n_steps=4, keep_last=None, save_best=False),
+                               MixedPrecision(torch.float16), GradientAccumulation(2), EarlyStopping(patience=5), CSVLogger()])
+    with redirect_stdout(io.StringIO()), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        learn.fit(3, resume=path)
+    assert learn.resumed_from == path
+    assert not [str(w.message) for w in caught if 'starts fresh' in str(w.message)], 'a callback lost its state'
+    ref = load_state(OLD / 'reference.safetensors')
+    for k, v in ref['model'].items(): assert torch.equal(v, learn.model.state_dict()[k]), k
+    assert [{k: v for k, v in r.items() if k != 'time'} for r in learn.recorder.history] == ref['history']
