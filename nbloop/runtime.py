@@ -26,7 +26,7 @@ from .ckpt_format import (CheckpointError, CheckpointMismatchError, check_model_
                           check_optimizer_state, check_tensors, load_model_state, optimizer_class, save_state, unusable)
 
 # %% auto #0
-__all__ = ['get_rank', 'get_world_size', 'Interrupted', 'runtime_settings', 'Runtime', 'DistributedRuntime', 'weights_state',
+__all__ = ['get_rank', 'get_world_size', 'Interrupted', 'Runtime', 'runtime_settings', 'DistributedRuntime', 'weights_state',
            'load_weights', 'make_runtime']
 
 # %% ../nbs/05_runtime.ipynb #c6b1f811
@@ -35,6 +35,7 @@ def get_rank() -> int:
     if dist.is_available() and dist.is_initialized(): return dist.get_rank()
     return int(os.environ.get('RANK', 0))
 
+# %% ../nbs/05_runtime.ipynb #d6a6caa5
 def get_world_size() -> int:
     "How many processes train together (1 when not distributed)."
     if dist.is_available() and dist.is_initialized(): return dist.get_world_size()
@@ -44,22 +45,6 @@ def get_world_size() -> int:
 class Interrupted(Exception):
     "Raised at a batch boundary after SIGINT or SIGTERM: the fit stops there, runs `after_fit`, and leaves as the signal asks."
     def __init__(self, signame: str): super().__init__(signame); self.signame = signame
-
-# %% ../nbs/05_runtime.ipynb #9d4c2e17
-_SETTINGS = {'precision': None, 'scaler': None, 'accumulate': 1, 'clip': None}
-
-def runtime_settings(cbs: Iterable,   # Callbacks; those with a `runtime_settings(runtime)` method configure the runtime
-                     runtime: Runtime,  # The runtime they configure
-                     ) -> dict:
-    """The runtime settings the callbacks ask for (`MixedPrecision`, `GradientAccumulation`, `GradientClip`): precision
-    and gradient scaler, accumulation, clipping. A setting asked for twice, differently, is an error."""
-    out = {}
-    for cb in cbs:
-        for k, v in (cb.runtime_settings(runtime) if hasattr(cb, 'runtime_settings') else {}).items():
-            if k in out and out[k] is not v and out[k] != v:
-                raise ValueError(f'two callbacks set the runtime\'s {k} differently ({out[k]!r} and {v!r}); keep one')
-            out[k] = v
-    return out
 
 # %% ../nbs/05_runtime.ipynb #896cb45a
 _NO_CONTEXT = contextlib.nullcontext()
@@ -117,12 +102,28 @@ def configure(self: Runtime,
     self.precision, self.scaler, self.accumulate, self.clip = precision, scaler, accumulate, clip
     return previous
 
+# %% ../nbs/05_runtime.ipynb #9d4c2e17
+def runtime_settings(cbs: Iterable,   # Callbacks; those with a `runtime_settings(runtime)` method configure the runtime
+                     runtime: Runtime,  # The runtime they configure
+                     ) -> dict:
+    """The runtime settings the callbacks ask for (`MixedPrecision`, `GradientAccumulation`, `GradientClip`): precision
+    and gradient scaler, accumulation, clipping. A setting asked for twice, differently, is an error."""
+    out = {}
+    for cb in cbs:
+        for k, v in (cb.runtime_settings(runtime) if hasattr(cb, 'runtime_settings') else {}).items():
+            if k in out and out[k] is not v and out[k] != v:
+                raise ValueError(f'two callbacks set the runtime\'s {k} differently ({out[k]!r} and {v!r}); keep one')
+            out[k] = v
+    return out
+
+# %% ../nbs/05_runtime.ipynb #d011d402
 @patch
 def autocast(self: Runtime) -> contextlib.AbstractContextManager:
     "The context of forward and loss: autocast to the fit's precision, or nothing."
     if self.precision is None: return contextlib.nullcontext()
     return torch.autocast(self.device.type, dtype=self.precision)
 
+# %% ../nbs/05_runtime.ipynb #050d7a80
 @patch
 def batch_context(self: Runtime,
                   training: bool,      # Whether the batch trains
@@ -141,6 +142,7 @@ def batch_context(self: Runtime,
         self._size, self.steps = min(n, n_iter - first), (iter + 1) % n == 0 or iter + 1 == n_iter
     return self.no_sync(self.model, not self.steps)
 
+# %% ../nbs/05_runtime.ipynb #e8c449a5
 @patch
 def backward(self: Runtime,
              loss: torch.Tensor,  # The scalar loss to back-propagate
@@ -150,15 +152,18 @@ def backward(self: Runtime,
     (loss if self.scaler is None else self.scaler.scale(loss)).backward()
     if self.accumulate > 1: self.accumulated = 0 if self.steps else self.accumulated + 1
 
+# %% ../nbs/05_runtime.ipynb #85c84c23
 @patch
 def unscale(self: Runtime,
             opt: torch.optim.Optimizer,  # The optimizer whose parameters' gradients are unscaled
             ) -> None:
-    "Bring the gradients back to their true scale before they are read (clipping, a norm); once per step."
-    if self.scaler is not None and not self._unscaled:
+    """Bring the gradients back to their true scale before they are read (clipping, a norm): once per step, and only
+    on a batch that steps (while accumulating, the next backward adds scaled gradients to them)."""
+    if self.scaler is not None and self.steps and not self._unscaled:
         self.scaler.unscale_(opt)
         self._unscaled = True
 
+# %% ../nbs/05_runtime.ipynb #357ae48f
 @patch
 def step(self: Runtime,
          opt: torch.optim.Optimizer,  # The optimizer to step
@@ -212,6 +217,7 @@ def _stop_signals(self: Runtime, state) -> Iterator[None]:
     finally:
         for s, h in previous.items(): signal.signal(s, h)
 
+# %% ../nbs/05_runtime.ipynb #90939e8e
 @patch
 def check_stop(self: Runtime,
                state,                 # The learner's `RunState`
@@ -227,6 +233,7 @@ def _stop(self: Runtime, state, stop: str) -> None:
     state.interrupted = stop
     raise Interrupted(stop)
 
+# %% ../nbs/05_runtime.ipynb #06c395ac
 @patch
 def cancel_fit(self: Runtime,
                state,   # The learner's `RunState`
@@ -234,6 +241,7 @@ def cancel_fit(self: Runtime,
     "End the fit as `CancelFitException` does; in one process, that is raising it now."
     raise CancelFitException()
 
+# %% ../nbs/05_runtime.ipynb #d78e62e2
 @patch
 def exit_interrupted(self: Runtime,
                      state,   # The learner's `RunState`, whose `interrupted` names the signal
@@ -253,6 +261,7 @@ def runs_here(self: Runtime,
     "Whether `cb` runs in this process: every callback in the main process (rank 0); elsewhere not `main_process_only` ones."
     return self.is_main or not cb.main_process_only
 
+# %% ../nbs/05_runtime.ipynb #edda493f
 @patch
 def say(self: Runtime,
         message: str,   # What to tell the user
@@ -260,6 +269,7 @@ def say(self: Runtime,
     "Print `message` in the process that displays (rank 0), once for all processes."
     if self.is_main: print(message, flush=True)
 
+# %% ../nbs/05_runtime.ipynb #9798bddd
 @patch
 def on_main(self: Runtime,
             fn: Callable,   # What only the process that writes does (folders, files, warnings)
@@ -276,6 +286,7 @@ def reduce_sum(self: Runtime,
     "The sum of `tensor` over all processes: here, itself."
     return tensor
 
+# %% ../nbs/05_runtime.ipynb #66ee69de
 @patch
 def mean_over_processes(self: Runtime,
                         values: list[float],  # This process's numbers
@@ -283,6 +294,7 @@ def mean_over_processes(self: Runtime,
     "Each of `values` averaged over all processes: here, the values themselves."
     return values
 
+# %% ../nbs/05_runtime.ipynb #869ae4d9
 @patch
 def sum_over_processes(self: Runtime,
                        *values: float,   # This process's numbers (sums and counts)
@@ -290,16 +302,19 @@ def sum_over_processes(self: Runtime,
     "Each of `values` summed over every process: here, the values themselves."
     return values
 
+# %% ../nbs/05_runtime.ipynb #dd65e3af
 @patch
 def sync_metric(self: Runtime,
                 metric,   # A metric with accumulated state (see `metrics.Metric.sync`)
                 ) -> None:
     "Combine every process's accumulated state of `metric` before it computes: here, nothing to combine."
 
+# %% ../nbs/05_runtime.ipynb #edb78b07
 @patch
 def barrier(self: Runtime) -> None:
     "Wait for every process: here, nothing to wait for."
 
+# %% ../nbs/05_runtime.ipynb #f6045f17
 @patch
 def gather(self: Runtime,
            obj: Any,  # This process's object (picklable)
@@ -307,6 +322,7 @@ def gather(self: Runtime,
     "Every process's `obj`, in rank order, on every process: here, `[obj]`."
     return [obj]
 
+# %% ../nbs/05_runtime.ipynb #af20ea6b
 @patch
 def broadcast(self: Runtime,
               obj: Any,  # The object to share (picklable); only rank 0's counts
@@ -314,6 +330,7 @@ def broadcast(self: Runtime,
     "Rank 0's `obj`, on every process: here, `obj`."
     return obj
 
+# %% ../nbs/05_runtime.ipynb #3a0e9810
 @patch
 def no_sync(self: Runtime,
             model: torch.nn.Module,  # The model as `prepare_model` returned it
@@ -322,6 +339,7 @@ def no_sync(self: Runtime,
     "A context in which backward does not all-reduce gradients (when `skip`): here, nothing to skip."
     return contextlib.nullcontext()
 
+# %% ../nbs/05_runtime.ipynb #bb9a6285
 @patch
 def vote_stop(self: Runtime,
               local: str | None,  # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
@@ -330,6 +348,7 @@ def vote_stop(self: Runtime,
     "Whether every process stops at this batch boundary, given this process's pending signal: here, its own."
     return local
 
+# %% ../nbs/05_runtime.ipynb #545f8d5d
 @patch
 def final_vote(self: Runtime,
                local: str | None,  # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
@@ -343,6 +362,7 @@ def state_dict(self: Runtime) -> dict:
     "The runtime's part of a training checkpoint: the gradient scaler's state, and the batches accumulated since a step."
     return {'scaler': None if self.scaler is None else self.scaler.state_dict(), 'accumulated': self.accumulated}
 
+# %% ../nbs/05_runtime.ipynb #4a68910f
 @patch
 def check_state_dict(self: Runtime,
                      state: dict,   # A whole training state (this runtime checks its parts: scaler, processes)
@@ -350,12 +370,12 @@ def check_state_dict(self: Runtime,
     "Raise `ValueError` unless the runtime's parts of `state` (the scaler, every process's part) are well formed."
     expect(state.get('scaler') is None or isinstance(state['scaler'], dict), 'scaler', 'None or a dict', state.get('scaler'))
     expect(is_index(state.get('accumulated', 0)), 'accumulated', 'a whole number >= 0', state.get('accumulated'))
-    world = state['training'].get('world_size', 1)
+    world = state['training'].get('world_size', 1) if isinstance(state.get('training'), dict) else 1
     expect(is_index(world) and world >= 1, 'training.world_size', 'a whole number >= 1', world)
     if world == 1 and 'ranks' not in state: return
     ranks = state.get('ranks')
     expect(isinstance(ranks, list) and all(isinstance(r, dict) for r in ranks), 'ranks',
-           f'the parts of the {world} processes that wrote it', ranks)
+           f'the parts of the {world} process{"es" if world > 1 else ""} that wrote it', ranks)
     if len(ranks) != world:
         raise ValueError(f'it is incomplete: it holds the parts of {len(ranks)} of the {world} processes that wrote it')
     for r, part in enumerate(ranks):
@@ -364,6 +384,7 @@ def check_state_dict(self: Runtime,
         expect(isinstance(part.get('callbacks', {}), dict), f'ranks[{r}].callbacks',
                'a dict of callback states by name', part.get('callbacks'))
 
+# %% ../nbs/05_runtime.ipynb #ba1e23fe
 @patch
 def load_state_dict(self: Runtime,
                     state: dict,   # A whole training state (the runtime takes its parts)
@@ -378,6 +399,7 @@ def load_state_dict(self: Runtime,
         self.scaler.load_state_dict(scaler)
     self.accumulated = state.get('accumulated', legacy.get('gradient_accumulation', {}).get('count', 0))
 
+# %% ../nbs/05_runtime.ipynb #e7c44999
 @patch
 def save(self: Runtime,
          path: str | Path,                        # The file to write
@@ -387,6 +409,7 @@ def save(self: Runtime,
     "Write `state` to `path` atomically; here the one process writes it (without the per-process part it carries)."
     return save_state(path, {k: v for k, v in state.items() if k != 'ranks'}, metadata)
 
+# %% ../nbs/05_runtime.ipynb #60aea190
 @patch
 def pick(self: Runtime,
          find: Callable[[], dict | None],   # Finds and reads the state to resume (None when there is none)
@@ -395,6 +418,7 @@ def pick(self: Runtime,
     "The training state to resume: here, what `find()` returns."
     return find()
 
+# %% ../nbs/05_runtime.ipynb #44feff03
 @patch
 def own_part(self: Runtime,
              state: dict | None,         # A training state read from a file (as `pick` returns it)
@@ -420,7 +444,7 @@ def own_part(self: Runtime,
             tr['train_iter'] = round(tr['train_iter'] / tr['total_steps'] * total_steps)
             tr['total_steps'] = total_steps
         if self.is_main:
-            warnings.warn(f"{state['path']} was written by {world} process{'es' if world > 1 else ''} and is "
+            warnings.warn(f"{state.get('path', 'the state')} was written by {world} process{'es' if world > 1 else ''} and is "
                           f"resumed by {now}: the rest of the epoch's samples are split among the {now} (none "
                           f"skipped or repeated), schedules follow the fraction of training done, and the result "
                           f"is not bit-exact (resume with {world} to continue exactly)")
@@ -512,7 +536,9 @@ class DistributedRuntime(Runtime):
         "Combine every process's accumulated state of `metric` before it computes (`metric.sync(gather)`)."
         metric.sync(self.gather)
 
-    def barrier(self) -> None: dist.barrier(group=self.group)
+    def barrier(self) -> None:
+        "Wait until every process gets here (on the CPU group)."
+        dist.barrier(group=self.group)
 
     def gather(self,
                obj: Any,  # This process's object (picklable)
@@ -560,6 +586,7 @@ def vote_stop(self: DistributedRuntime,
     code, self._period = previous[1].tolist()
     return _STOPS[code]
 
+# %% ../nbs/05_runtime.ipynb #b28f803c
 @patch
 def final_vote(self: DistributedRuntime,
                local: str | None,  # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
@@ -573,6 +600,7 @@ def final_vote(self: DistributedRuntime,
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
     return _STOPS[int(flag[0])]
 
+# %% ../nbs/05_runtime.ipynb #052d8945
 @patch
 def check_stop(self: DistributedRuntime,
                state,                 # The learner's `RunState`
@@ -584,6 +612,7 @@ def check_stop(self: DistributedRuntime,
     stop = self.final_vote(local) if end else self.vote_stop(local, training)
     if stop is not None: self._stop(state, stop)
 
+# %% ../nbs/05_runtime.ipynb #c55d3342
 @patch
 def cancel_fit(self: DistributedRuntime,
                state,   # The learner's `RunState`
@@ -591,6 +620,7 @@ def cancel_fit(self: DistributedRuntime,
     "End the fit in every process at the same batch boundary: this process votes to cancel at the next vote."
     state.cancel = 'cancel'
 
+# %% ../nbs/05_runtime.ipynb #67cd1740
 @patch
 def exit_interrupted(self: DistributedRuntime,
                      state,   # The learner's `RunState`, whose `interrupted` names the signal
@@ -600,7 +630,7 @@ def exit_interrupted(self: DistributedRuntime,
     self.barrier()
     if state.interrupted == 'SIGTERM' and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    super().exit_interrupted(state)
+    Runtime.exit_interrupted(self, state)
 
 # %% ../nbs/05_runtime.ipynb #c07394b5
 @patch
@@ -617,6 +647,7 @@ def save(self: DistributedRuntime,
         state = {**state, 'ranks': parts, 'training': {**state['training'], 'world_size': len(parts)}}
     return save_state(path, state, metadata) if self.is_main else None
 
+# %% ../nbs/05_runtime.ipynb #7a18029e
 @patch
 def pick(self: DistributedRuntime,
          find: Callable[[], dict | None],   # Finds and reads the state to resume (None when there is none)
