@@ -88,6 +88,7 @@ class CancelFitException(Exception):
 # %% ../nbs/00_core.ipynb #67ca8d8e
 EVENT_PREFIXES = ('before_', 'after_')
 
+# %% ../nbs/00_core.ipynb #2edcadbc
 def camel_to_snake(name: str,   # A `CamelCase` name, such as a class name
                    ) -> str:
     "Convert `CamelCase` to `camel_case`."
@@ -132,6 +133,7 @@ FOREIGN_HOOKS = {
     'on_before_optimizer_step': 'before_step', 'on_step_end': 'after_step', 'on_before_zero_grad': 'after_step',
 }
 
+# %% ../nbs/00_core.ipynb #6eb22cba
 def event_methods(cb: Callback,   # The callback whose methods are checked and listed
                   ) -> dict[Event, Callable]:
     """The bound event methods of `cb`. A `before_*`/`after_*` method that is no event, or a method one typo away
@@ -529,11 +531,13 @@ def short(obj: Any,   # Anything, however large or deep
     "A short description of a value found in a state or a file, for error messages (cheap, whatever its size)."
     return f'{type(obj).__name__} {_REPR.repr(obj)}'
 
+# %% ../nbs/00_core.ipynb #f2f998f9
 def is_index(x: Any,   # The value to test
              ) -> bool:
     "Whether `x` is a whole number >= 0 (an int, and not a bool)."
     return type(x) is int and x >= 0
 
+# %% ../nbs/00_core.ipynb #9ed1b344
 def expect(ok: bool,       # Whether the value is right
            where: str,     # Where the value is, e.g. 'training.position'
            expected: str,  # What it should be

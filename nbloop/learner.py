@@ -63,7 +63,7 @@ class Learner(CallbackHost):
         self.model = self.runtime.prepare_model(model, compile=compile, **runtime_settings(self.cbs, self.runtime))
         self.train_dl, self.valid_dl, self.loss_func, self.opt_func, self.lr = train_dl, valid_dl, loss_func, opt_func, lr
         self.path, self.opt = Path(path), opt_func(self.model.parameters(), lr=lr)
-        self.train_plan = self.valid_plan = None           # the fit's plans of its epochs (see `data`)
+        self.train_plan, self.valid_plan = EpochPlan(train_dl, 'train_dl', self.runtime), None   # each fit makes its own
 
     (epoch, n_epochs, iter, n_iter, train_iter, total_steps, training, pct_train, fit_method, interrupted, resumed_from,
      dl, xb, yb, pred, loss, loss_grad) = (forward_to('state', n) for n in RunState.names)

@@ -458,12 +458,14 @@ def train_loss(self: Recorder) -> float:
     total, n = self._train_sums()
     return total / n if n else math.nan
 
+# %% ../nbs/06_metrics.ipynb #7131c043
 @patch
 def valid_loss(self: Recorder) -> float:
     "Mean validation loss so far (in this process), weighted by batch size."
     total, n = self._valid_sums()
     return total / n if n else math.nan
 
+# %% ../nbs/06_metrics.ipynb #1c909dee
 @patch
 def running_values(self: Recorder,
                    training: bool,   # True in training (the loss only), False in validation (the loss and metrics)
@@ -477,20 +479,26 @@ def running_values(self: Recorder,
         except Exception: vals[m.name] = math.nan     # the end of validation raises it, with the metric's name
     return vals
 
+# %% ../nbs/06_metrics.ipynb #c7de3b62
 @patch
 def after_train(self: Recorder, learn):
+    "Start the epoch's row with its training loss (the mean over every process's samples)."
     learn.state.row = {'epoch': learn.epoch, 'train_loss': self._mean_over_processes(learn, self._train_sums())}
     self._epoch_start, self._sizes = len(self._losses), []
 
+# %% ../nbs/06_metrics.ipynb #7f205675
 @patch
 def before_validate(self: Recorder, learn):
+    "Reset the validation loss and the metrics (a wrapped object moves to the learner's device)."
     self._valid, self._valid_sizes = [], []
     for m in self.metrics:
         if isinstance(m, ObjectMetric): m.to(learn.device)
         m.reset()
 
+# %% ../nbs/06_metrics.ipynb #4efc2669
 @patch
 def after_validate(self: Recorder, learn):
+    "The validation loss and every metric (each synced over the processes first): `values`."
     values = {'valid_loss': self._mean_over_processes(learn, self._valid_sums())}
     for m in self.metrics:
         try:
@@ -503,6 +511,7 @@ def after_validate(self: Recorder, learn):
     self.values = values
     self._valid, self._valid_sizes = [], []
 
+# %% ../nbs/06_metrics.ipynb #53019273
 @patch
 def end_epoch(self: Recorder,
               learn,   # The learner, at the end of its epoch
@@ -535,6 +544,7 @@ def state_dict(self: Recorder) -> dict:
             'epoch_start': self._epoch_start, 'epoch_ends': list(self._epoch_ends),
             'smooth': self._ema.avg, 'n_smooth': self._ema.n}
 
+# %% ../nbs/06_metrics.ipynb #48b67d41
 @patch
 def check_state_dict(self: Recorder,
                      state: dict,   # A state as `state_dict` returns it (from a checkpoint, say)
@@ -546,6 +556,7 @@ def check_state_dict(self: Recorder,
                 sizes=ints, epoch_start=int, epoch_ends=ints, smooth=(int, float), n_smooth=int)
     if not isinstance(state.get('row', {}), dict): raise ValueError(f"the state of Recorder has a 'row' that is a {describe(state['row'])}")
 
+# %% ../nbs/06_metrics.ipynb #ca09c4d7
 @patch
 def load_state_dict(self: Recorder,
                     state: dict,   # What `state_dict` returned (from a checkpoint, say)
@@ -561,11 +572,18 @@ def load_state_dict(self: Recorder,
     self._loaded_row = dict(state.get('row') or {})     # older checkpoints kept the epoch's row here
 
 # %% ../nbs/06_metrics.ipynb #d6b2f8a4
+def _figure(ncols: int = 1, width: float = 6, height: float = 4):
+    "A figure (see `new_figure`) with `ncols` axes side by side."
+    fig = new_figure(figsize=(width * min(ncols, 3) if ncols > 1 else width, height), layout='constrained')
+    axs = fig.subplots(1, ncols)
+    return fig, axs
+
 @patch
 def valid_points(self: Recorder) -> list[tuple[int, float]]:
     "`(training step, valid_loss)` at the end of each validated epoch, to draw next to the per-batch losses."
     return [(x, r['valid_loss']) for x, r in zip(self._epoch_ends, self.history) if 'valid_loss' in r]
 
+# %% ../nbs/06_metrics.ipynb #d0052a69
 @patch
 def plot_loss(self: Recorder,
               skip_start: int = 0,       # How many first training batches to leave out
@@ -583,6 +601,7 @@ def plot_loss(self: Recorder,
     ax.set_xlabel('training step'); ax.set_ylabel('loss'); ax.legend()
     return fig
 
+# %% ../nbs/06_metrics.ipynb #cfb27e2f
 @patch
 def plot_metrics(self: Recorder) -> Figure:
     "Each metric (and the losses) per epoch."
@@ -598,6 +617,7 @@ def plot_metrics(self: Recorder) -> Figure:
     for ax in axs: ax.set_xlabel('epoch')
     return fig
 
+# %% ../nbs/06_metrics.ipynb #69ffd39c
 @patch
 def plot_lr(self: Recorder) -> Figure:
     "The learning rate of every training batch."
@@ -605,12 +625,6 @@ def plot_lr(self: Recorder) -> Figure:
     ax.plot(self.lrs)
     ax.set_xlabel('training step'); ax.set_ylabel('learning rate')
     return fig
-
-def _figure(ncols: int = 1, width: float = 6, height: float = 4):
-    "A figure (see `new_figure`) with `ncols` axes side by side."
-    fig = new_figure(figsize=(width * min(ncols, 3) if ncols > 1 else width, height), layout='constrained')
-    axs = fig.subplots(1, ncols)
-    return fig, axs
 
 # %% ../nbs/06_metrics.ipynb #7f1e3d5a
 class TinyLearner(CallbackHost):
@@ -630,7 +644,7 @@ class TinyLearner(CallbackHost):
         self.train_dl, self.valid_dl, self.loss_func, self.recorder = train, valid, loss_func, Recorder(metrics)
         self.opt, self.runtime, self.state = torch.optim.SGD(self.model.parameters(), lr=lr), Runtime('cpu'), RunState()
         self.device = self.runtime.device
-        super().__init__([self.recorder, *cbs])
+        super().__init__([self.recorder, *cbs], self.runtime.runs_here)
 
     (epoch, n_epochs, iter, n_iter, train_iter, total_steps, training, pct_train, fit_method, interrupted, resumed_from,
      dl, xb, yb, pred, loss, loss_grad) = (forward_to('state', n) for n in RunState.names)

@@ -40,6 +40,7 @@ class RunState:
         self.n_iter, self.training, self.pct_train, self.interrupted, self.resumed_from = None, False, 0., None, None
         self.start = {'epoch': 0, 'iter': 0, 'phase': 'end'}  # where the loop begins: a resumed fit's position
         self.epoch_done = False                               # the epoch's row is final (from its end to the next)
+        self.phase_begun = False                              # this epoch's first phase has begun
         self.row: dict = {}                                   # the current epoch's row, as the Recorder builds it
         self.last_row: dict = {}                              # the row of the epoch that just ended, final at after_epoch
         self.stop = self.cancel = None                        # a pending 'SIGINT' / 'SIGTERM'; a pending 'cancel'
@@ -61,7 +62,7 @@ class RunState:
     def epochs(self) -> Iterator[int]:
         "The fit's epochs, from the position it starts at (0, or a resumed fit's); each begins with its row not final."
         for self.epoch in range(self.start['epoch'], self.n_epochs):
-            self.epoch_done, self.last_row = False, {}
+            self.epoch_done, self.phase_begun, self.last_row = False, False, {}
             yield self.epoch
 
     def new_phase(self,
@@ -73,7 +74,9 @@ class RunState:
         s = self.start
         first = 0 if self.epoch != s['epoch'] or s['phase'] == 'end' or not training else \
                 None if s['phase'] == 'valid' else s['iter']
-        if first is not None: self.training, self.dl, self.dl_name, self.n_iter = training, plan.dl, plan.name, plan.length()
+        if first is None: return None
+        self.training, self.dl, self.dl_name, self.n_iter = training, plan.dl, plan.name, plan.length()
+        self.iter, self.phase_begun = first - 1, True                # no batch of this phase done yet
         return first
 
     def new_batch(self,
@@ -116,11 +119,16 @@ class RunState:
 # %% ../nbs/01_state.ipynb #d184a5c6
 @patch
 def position(self: RunState) -> dict:
-    "Where the fit continues from here: after this training batch, at this epoch's validation, or at the next epoch."
+    """Where the fit continues from here: after this training batch, at this epoch's validation, or at the next epoch;
+    before an epoch's first phase, where it began (its start, a resumed position, or the end of the epoch before)."""
     if self.epoch_done: return {'epoch': self.epoch + 1, 'iter': 0, 'phase': 'end'}
+    if not self.phase_begun:
+        if self.start['epoch'] == self.epoch and self.start['phase'] != 'end': return dict(self.start)
+        return {'epoch': self.epoch, 'iter': 0, 'phase': 'end'} if self.epoch else {'epoch': 0, 'iter': 0, 'phase': 'train'}
     if self.training: return {'epoch': self.epoch, 'iter': self.iter + 1, 'phase': 'train'}
     return {'epoch': self.epoch, 'iter': 0, 'phase': 'valid'}
 
+# %% ../nbs/01_state.ipynb #e067a6a1
 @patch
 def state_dict(self: RunState) -> dict:
     "The counters and the position, as a checkpoint stores them (the call's `fit_method` and so on are not saved)."
@@ -128,6 +136,7 @@ def state_dict(self: RunState) -> dict:
             'total_steps': self.total_steps, 'row': dict(self.row), 'last_row': dict(self.last_row),
             'epoch': self.epoch, 'iter': self.iter, 'n_iter': self.n_iter, 'training': self.training}
 
+# %% ../nbs/01_state.ipynb #ec72800b
 @patch
 def check_state_dict(self: RunState,
                      state: Any,   # A state as `state_dict` returns it, e.g. read from a checkpoint
@@ -145,6 +154,7 @@ def check_state_dict(self: RunState,
     for k in ('row', 'last_row'):
         expect(isinstance(state.get(k, {}), dict), f'training.{k}', "an epoch's row (a dict)", state.get(k))
 
+# %% ../nbs/01_state.ipynb #1dcfc7c8
 @patch
 def load_state_dict(self: RunState,
                     state: dict,   # What `state_dict` returned (checked first)
