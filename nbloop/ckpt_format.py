@@ -420,12 +420,14 @@ def load_state(path: str | Path,  # A file written by `save_state`, or a plain s
 class CheckpointMismatchError(CheckpointError):
     "A checkpoint's tensors do not match the model (or its optimizer or callbacks don't match the fit)."
 
+# %% ../nbs/03_ckpt_format.ipynb #0b4a13b7
 def check_tensors(d: Any,      # The value to check
                   where: str,  # Its place in the state, e.g. 'model'
                   ) -> None:
     "Raise `ValueError` unless `d` is a dict of named tensors."
     expect(isinstance(d, dict) and all(isinstance(v, torch.Tensor) for v in d.values()), where, 'a dict of named tensors', d)
 
+# %% ../nbs/03_ckpt_format.ipynb #6c215596
 def check_optimizer_state(opt: Any,            # The value to check
                           where: str = 'opt',  # Its place in the state
                           ) -> None:
@@ -449,6 +451,7 @@ def unusable(path: Path | str,  # The file
     return CorruptCheckpointError(f'{path} is not a usable checkpoint: {e}. The file is damaged or was not written by '
                                   f'nbloop; use another one.')
 
+# %% ../nbs/03_ckpt_format.ipynb #d4d75d7f
 def checkpoint_path(base: str | Path,          # The folder a bare name is under (the learner's `path`)
                     name_or_path: str | Path,  # A bare name or a path; `.safetensors` is added if it has no suffix
                     folder: str = 'models',    # The folder under `base` for a bare name
@@ -489,6 +492,7 @@ def load_model_state(model: torch.nn.Module,          # The model to copy into (
     own = unwrap_model(model).state_dict()
     unwrap_model(model).load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
 
+# %% ../nbs/03_ckpt_format.ipynb #5ea5c536
 def check_model_fits(model: torch.nn.Module,          # The model the state would be loaded into
                      state: dict[str, torch.Tensor],  # Tensors by name, as a `state_dict()` holds them
                      source: str = 'the checkpoint',  # What messages call the state, e.g. its file
@@ -559,6 +563,7 @@ def check_training_state(state: Any,   # A training state (from `Learner.state_d
     expect(isinstance(state.get('opt_class', ''), str), 'opt_class', 'a class name', state.get('opt_class'))
     check_tensors(state.get('grads'), 'grads')
 
+# %% ../nbs/03_ckpt_format.ipynb #4c288e8b
 def check_state_fits(state: dict,                   # A training state whose parts are well formed
                      model: torch.nn.Module,        # The model it would be loaded into
                      opt: torch.optim.Optimizer,    # Its optimizer
@@ -657,6 +662,7 @@ def read_training_state(path: str | Path,                 # A checkpoint file wr
     state['path'] = str(path)
     return state
 
+# %% ../nbs/03_ckpt_format.ipynb #b890302c
 def find_checkpoint(folder: str | Path,               # Where 'last' looks (the CheckpointCallback's folder)
                     resume: str | os.PathLike,        # 'last' (the newest that verifies), or a checkpoint's path
                     read: Callable[[Path], dict],     # Reads and checks one file (see `read_training_state`)

@@ -123,6 +123,7 @@ def check_dataloader(dl: Any,   # What was given as a dataloader
                         f'every epoch iterates it again. Pass something re-iterable: a DataLoader, a list of batches, '
                         f'or an object whose __iter__ returns a new iterator each time.')
 
+# %% ../nbs/02_data.ipynb #083d046e
 def empty_message(dl: Any,   # The dataloader that yielded no batches
                   name: str,  # Its name, e.g. 'train_dl'
                   ) -> str:
@@ -236,6 +237,7 @@ def total_steps(self: EpochPlan,
     n = self.length()
     return None if n is None else n * n_epochs
 
+# %% ../nbs/02_data.ipynb #09704c6a
 @patch
 def check_not_empty(self: EpochPlan,
                     hint: str = '',  # Added to the message, e.g. what to pass instead
@@ -243,6 +245,7 @@ def check_not_empty(self: EpochPlan,
     "Raise `EmptyDataError` (before the fit starts) when the dataloader has a length of 0."
     if self.length() == 0: raise EmptyDataError(empty_message(self.dl, self.name) + hint)
 
+# %% ../nbs/02_data.ipynb #6fe4de44
 @patch
 def epoch(self: EpochPlan,
           start: int = 0,  # The batch to start at: 0, or where a resumed epoch continues
@@ -267,6 +270,7 @@ def _numbered(self: EpochPlan, batches: Iterator, start: int) -> Iterator[tuple[
         if self.pad: raise EmptyDataError(empty_message(self.dl, self.name) + again)
         raise EmptyDataError(f'{self.name} yielded no batches, so there is nothing to validate on.{again}')
 
+# %% ../nbs/02_data.ipynb #e5030e35
 @patch
 def iterate(self: EpochPlan,
             start: int = 0,  # The epoch's batch to start at (0-based); batches before it are not loaded
@@ -310,6 +314,7 @@ def state_dict(self: EpochPlan) -> dict:
             'indices': torch.tensor(flat, dtype=torch.int64),
             'lengths': torch.tensor([len(b) for b in self.batches] if nested else [], dtype=torch.int64)}
 
+# %% ../nbs/02_data.ipynb #476156f4
 @patch
 def load_state_dict(self: EpochPlan,
                     state: dict,     # A plan as `state_dict` returns it, e.g. read from a checkpoint
@@ -357,6 +362,7 @@ def load_state_dict(self: EpochPlan,
     self.batches = self._split(self.base)
     return 0
 
+# %% ../nbs/02_data.ipynb #e6a39f4f
 def check_plan_state(data: Any,      # A plan as `EpochPlan.state_dict` returns it, e.g. read from a checkpoint
                      position: dict,  # Where the saved run continues: `{'epoch', 'iter', 'phase'}`
                      ) -> None:
@@ -405,10 +411,9 @@ def gather(self: EpochPlan,
         flat = [torch.cat(b) for b in per if b]
         if self.replayable and self._by_sample and self.dl.batch_sampler is not None \
                 and len({(t.shape[1:], t.dtype) for t in flat}) == 1:
-            # sample k of process r is sample r + k * ws of the epoch's order
-            whole = flat[0].new_empty((sum(len(t) for t in flat), *flat[0].shape[1:]))
-            for r, t in enumerate(flat): whole[r::ws] = t
-            out.append(whole)
+            # sample k of process r is sample r + k * ws of the epoch's order (drop_last may leave out some)
+            where = torch.cat([torch.arange(sum(len(b) for b in per[r])) * ws + r for r in range(ws)])
+            out.append(torch.cat(flat)[where.argsort()])
             continue
         order = [per[r][k] for k in range(max(map(len, per))) for r in range(ws) if k < len(per[r])]
         out.append(_cat_or_list(order, what) if order else torch.empty(0))
