@@ -173,10 +173,13 @@ def _save_best(self: CheckpointCallback, learn: Learner, path: Path | None, writ
         tmp.unlink(missing_ok=True)
         raise CheckpointWriteError(f'could not write {best}: {e}; the previous best checkpoint is intact') from e
 
+# %% ../nbs/11_checkpoint.ipynb #933c5fa9
 @patch
 def state_dict(self: CheckpointCallback) -> dict:
+    "What goes into every checkpoint: the best value so far, its epoch, and the run's id."
     return {'best': self.best, 'best_epoch': self.best_epoch, 'run': self.run}
 
+# %% ../nbs/11_checkpoint.ipynb #c8e770e3
 @patch
 def check_state_dict(self: CheckpointCallback,
                      state: Any,  # A state as `state_dict` returns it, e.g. read from a checkpoint
@@ -189,10 +192,12 @@ def check_state_dict(self: CheckpointCallback,
     if not ok: raise ValueError(f"expected {{'best': number or None, 'best_epoch': int or None, 'run': 8 hex digits}}, "
                                 f"found {short(state)}")
 
+# %% ../nbs/11_checkpoint.ipynb #f2931b72
 @patch
 def load_state_dict(self: CheckpointCallback,
                     state: dict,  # A state as `state_dict` returns it (checked first)
                     ) -> None:
+    "Take back the best value, its epoch and the run's id from a checkpoint (the run continues under its own id)."
     self.check_state_dict(state)
     self.remember(state['best'], state['best_epoch'])
     self.run = state.get('run') or self.run     # checkpoints from before run ids: this fit's new id
@@ -271,4 +276,6 @@ def resume_state(learn: Learner,          # The learner to resume
                  ) -> dict | None:
     "The training state `learn.fit(resume=...)` would continue, read and checked (nothing is loaded). Old name, kept for one release."
     check_resume(resume)
-    return learn._read_resume(resume)
+    before = learn.state.resumed_from       # reading is not resuming: the learner says where its last fit came from
+    try: return learn._read_resume(resume)
+    finally: learn.state.resumed_from = before

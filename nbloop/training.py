@@ -198,18 +198,18 @@ class TerminateOnNaN(Callback):
         self.stopped_at = None
 
     def before_fit(self, learn: Learner):
-        self._bad, self._copy, self._host, self.stopped_at, self._learn = None, None, None, None, learn
+        self._bad, self._copy, self._host, self.stopped_at = None, None, None, None
 
     def after_batch(self, learn: Learner):
         if not learn.training or learn.loss is None: return
         bad = ~torch.isfinite(learn.loss)
         if bad.device.type == 'cpu':
-            if bad: self._stop(learn.train_iter)           # a CPU tensor: no device to wait for
+            if bad: self._stop(learn, learn.train_iter)    # a CPU tensor: no device to wait for
             return
         self._bad = bad if self._bad is None else self._bad | bad
         if bad.device.type == 'cuda':
             if self._copy is not None and self._copy[2].query():   # the last copy arrived: read it, no waiting
-                self._read()
+                self._read(learn)
             if self._copy is None: self._start_copy(learn.train_iter)
         elif learn.train_iter % self.check_every == 0: self._check_now(learn)
 
@@ -221,26 +221,24 @@ class TerminateOnNaN(Callback):
         event.record()
         self._copy, self._bad = (step, host, event), None
 
-    def _read(self) -> None:
+    def _read(self, learn: Learner) -> None:
         step, host, _ = self._copy
         self._copy = None
-        if host: self._stop(step)
+        if host: self._stop(learn, step)
 
     def after_train(self, learn: Learner): self._check_now(learn)
 
     def _check_now(self, learn: Learner) -> None:
         if self._copy is not None:
             self._copy[2].synchronize()                       # sync point: once per epoch
-            self._read()
+            self._read(learn)
         if self._bad is not None:
             bad, self._bad = bool(self._bad), None            # sync point: once per epoch
-            if bad: self._stop(learn.train_iter)
+            if bad: self._stop(learn, learn.train_iter)
 
-    def _stop(self, step: int):
+    def _stop(self, learn: Learner, step: int):
         if self.stopped_at is not None: return      # several processes: already voting to stop
         self.stopped_at = step
         warnings.warn(f'TerminateOnNaN: the training loss became NaN or infinite by training step {step}; '
                       f'stopping the fit')
-        cancel = getattr(self._learn, 'cancel_fit_everywhere', None)
-        if cancel is None: raise CancelFitException()
-        cancel()         # one process's loss: with several, all stop together at the next batch boundary
+        learn.cancel_fit_everywhere()   # one process's loss: with several, all stop together at the next batch boundary
