@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import operator
 import os
 import random
 import re
@@ -253,7 +254,7 @@ def forward_to(owner: str,  # The attribute that holds the value (e.g. 'state')
                name: str,   # The attribute of that object (e.g. 'epoch')
                ) -> property:
     "A property that reads and writes `self.<owner>.<name>`: how a learner shows its `RunState`'s counters as its own."
-    return property(lambda self: getattr(getattr(self, owner), name),
+    return property(operator.attrgetter(f'{owner}.{name}'),            # reads are on the hot path: no Python frame
                     lambda self, value: setattr(getattr(self, owner), name, value), doc=f'`self.{owner}.{name}`')
 
 # %% ../nbs/00_core.ipynb #3f1c9a02
@@ -357,8 +358,9 @@ def _run_deferred(self: CallbackHost) -> None:
 @patch
 def _fire(self: CallbackHost, event: str) -> None:
     "Call the handlers of `event` in order, then what they deferred (also when one of them cancels or fails)."
+    if event not in self._dispatch: return            # most events have no handler: nothing to call, nothing deferred
     try:
-        for handler in self._dispatch.get(event, ()): handler(self)
+        for handler in self._dispatch[event]: handler(self)
     finally:
         if self._deferred: self._run_deferred()
 
@@ -381,8 +383,7 @@ def _with_events(self: CallbackHost,
         if name == 'fit': fire_all(self, after, cleanup=True)
         raise
     if finish is not None: finish()
-    if name == 'fit': fire_all(self, after)
-    else: self._fire(after)
+    fire_all(self, after) if name == 'fit' else self._fire(after)
 
 # %% ../nbs/00_core.ipynb #5e3b9d2f
 @patch

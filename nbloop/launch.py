@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['distributed_env', 'init_distributed', 'destroy_distributed', 'side_group', 'LaunchError', 'launch']
+__all__ = ['distributed_env', 'get_rank', 'get_world_size', 'init_distributed', 'destroy_distributed', 'side_group',
+           'LaunchError', 'launch']
 
 # %% ../nbs/04_launch.ipynb #173a581a
 _side: dict = {}                          # the CPU (gloo) group of the current process group
@@ -31,6 +32,18 @@ def distributed_env() -> bool:
     "Whether this process was started as one of several (torchrun, `launch`): `WORLD_SIZE` > 1 in its environment."
     try: return int(os.environ.get('WORLD_SIZE', '1')) > 1
     except ValueError: return False
+
+# %% ../nbs/04_launch.ipynb #af0a8da0
+def get_rank() -> int:
+    "This process's rank among the training processes (0 when not distributed)."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank()
+    return int(os.environ.get('RANK', 0))
+
+# %% ../nbs/04_launch.ipynb #8e09fd36
+def get_world_size() -> int:
+    "How many processes train together (1 when not distributed)."
+    if dist.is_available() and dist.is_initialized(): return dist.get_world_size()
+    return int(os.environ.get('WORLD_SIZE', 1))
 
 # %% ../nbs/04_launch.ipynb #aa9ba465
 def init_distributed(backend: str | None = None,  # 'nccl', 'gloo', ...; None: NCCL when CUDA is available, else gloo

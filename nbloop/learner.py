@@ -19,20 +19,21 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .core import (CancelBatchException, CancelEpochException, CancelFitException, CancelTrainException,
                    CancelValidateException, Callback, CallbackHost, FitError, LossError, ModelError, call_model,
-                   check_callback_states, check_rng_state, compute_loss, describe, forward_to, get_rng_state, patch,
-                   set_rng_state, stateful, unwrap_model)
+                   check_callback_states, check_rng_state, compute_loss, describe, expect, forward_to, get_rng_state,
+                   patch, set_rng_state, stateful, unwrap_model)
 from .state import RunState
 from .data import (BatchError, EmptyDataError, EpochPlan, batches_per_epoch, check_dataloader, check_plan_state,
                    data_generators, epoch_plans, split_batch)
-from .ckpt_format import (FORMAT_VERSION, check_state_fits, check_training_state, checkpoint_path, find_checkpoint,
-                          load_model_state, load_state, optimizer_class, read_training_state)
-from .runtime import load_weights, make_runtime, runtime_settings, weights_state
+from .ckpt_format import (FORMAT_VERSION, check_model_fits, check_optimizer_fits, check_optimizer_state,
+                                check_state_fits, check_tensors, check_training_state, checkpoint_path, find_checkpoint,
+                                load_model_state, load_state, optimizer_class, read_training_state, unusable)
+from .runtime import make_runtime, runtime_settings
 from .metrics import Recorder
 from .progress import ProgressCallback
 from .schedule import LRFinder, LRFindResult, LRScheduler, has_momentum, one_cycle_schedules
 
 # %% auto #0
-__all__ = ['Learner', 'synth_data', 'synth_learner']
+__all__ = ['Learner', 'synth_data', 'synth_learner', 'weights_state', 'load_weights']
 
 # %% ../nbs/09_learner.ipynb #48a323e8
 class Learner(CallbackHost):
@@ -114,26 +115,26 @@ def synth_learner(n: int = 128,                  # Samples in all (see `synth_da
 # %% ../nbs/09_learner.ipynb #d93b6e27
 @patch
 def _one_batch(self: Learner) -> None:
-    "Forward and loss in the runtime's precision; in training, backward and the optimizer step through the runtime."
-    with self.runtime.batch_context(self.training, self.iter, self.n_iter):   # no_grad; accumulation, no all-reduce
-        try:
-            with self.runtime.autocast():
-                self.pred = call_model(self.model, self.xb, self.state.dl_name, first=self.iter == 0)
-                self._fire('after_pred')
-                self.state.set_loss(compute_loss(self.loss_func, self.pred, self.yb, self.training))
-                self._fire('after_loss')
-        except CancelBatchException:             # cancelled before its loss was complete: the batch counts for nothing
-            self.state.forget_batch()
-            raise
-        if not self.training: return
-        self._fire('before_backward')
-        self.runtime.backward(self.loss_grad)
-        self._fire('after_backward')
-        if not self.runtime.steps: raise CancelBatchException()        # accumulating: the group's last batch steps
-        self._fire('before_step')
-        self.runtime.step(self.opt)
-        self._fire('after_step')
-        self.opt.zero_grad(set_to_none=True)
+    "Forward and loss in the runtime's batch context; in training, backward and the optimizer step through the runtime."
+    state, runtime = self.state, self.runtime          # (locals: this runs every batch, and reads them often)
+    try:
+        with runtime.batch_context(state.training, state.iter, state.n_iter):   # precision; accumulating: no all-reduce
+            state.pred = call_model(self.model, state.xb, state.dl_name, first=state.iter == 0)
+            self._fire('after_pred')
+            state.set_loss(compute_loss(self.loss_func, state.pred, state.yb, state.training))
+            self._fire('after_loss')
+    except CancelBatchException:                 # cancelled before its loss was complete: the batch counts for nothing
+        state.forget_batch()
+        raise
+    if not state.training: return
+    self._fire('before_backward')
+    runtime.backward(state.loss_grad)
+    self._fire('after_backward')
+    if not runtime.steps: raise CancelBatchException()                 # accumulating: the group's last batch steps
+    self._fire('before_step')
+    runtime.step(self.opt)
+    self._fire('after_step')
+    self.opt.zero_grad(set_to_none=True)
 
 # %% ../nbs/09_learner.ipynb #c4d8a1f0
 _PHASES = {True: ('train', CancelTrainException), False: ('validate', CancelValidateException)}
@@ -141,8 +142,7 @@ _PHASES = {True: ('train', CancelTrainException), False: ('validate', CancelVali
 @patch
 def _phase(self: Learner, plan: EpochPlan, training: bool) -> None:
     "One pass over `plan`: training (from where a resumed fit continues) or validation, between its events."
-    first = self.state.new_phase(training, plan)
-    if first is None: return                                           # resumed after this epoch's training
+    if (first := self.state.new_phase(training, plan)) is None: return   # resumed after this epoch's training
     self.model.train(training)
     self._with_events(*_PHASES[training], lambda: self._batches(plan.epoch(first)))
 
@@ -150,10 +150,11 @@ def _phase(self: Learner, plan: EpochPlan, training: bool) -> None:
 def _batches(self: Learner, batches: Iterator) -> None:
     "The phase's batches; a resumed fit first puts back the random states the interrupted one had here."
     self.state.arrive(data_generators(self.train_dl, self.valid_dl))
-    for self.iter, batch in batches:
-        self.state.new_batch(*self.runtime.to_device(split_batch(batch, self.state.dl_name)))
-        self._with_events('batch', CancelBatchException, self._one_batch, self.state.count_batch)
-        self.runtime.check_stop(self.state, self.training)             # SIGINT/SIGTERM: stop at this boundary
+    with self.runtime.phase_context(self.state):      # no gradients in validation; at the end, the stop vote
+        for self.state.iter, batch in batches:                          # (the state's attributes: no property reads)
+            self.state.new_batch(*split_batch(self.runtime.to_device(batch), self.state.dl_name))
+            self._with_events('batch', CancelBatchException, self._one_batch, self.state.count_batch)
+            self.runtime.check_stop(self.state, self.state.training)   # SIGINT/SIGTERM: stop at this boundary
 
 # %% ../nbs/09_learner.ipynb #b7e2d913
 @patch
@@ -415,6 +416,37 @@ def lr_find(self: Learner,
         self.load_state_dict(saved)
         for k, v in call.items(): setattr(self.state, k, v)
     return LRFindResult.from_curve(finder.lrs, finder.raw, diverged=finder.stopped_at is not None)
+
+# %% ../nbs/09_learner.ipynb #1b77e5ef
+def weights_state(model: torch.nn.Module,                  # The model (its plain keys are saved, through any wrapper)
+                  opt: torch.optim.Optimizer | None = None,  # Its optimizer, saved with its class; None: weights only
+                  ) -> dict:
+    "What `learn.save` writes: `{'kind': 'weights', 'model': ..., 'opt': ..., 'opt_class': ...}`."
+    state = {'kind': 'weights', 'model': unwrap_model(model).state_dict()}
+    if opt is not None: state.update(opt=opt.state_dict(), opt_class=optimizer_class(opt))
+    return state
+
+# %% ../nbs/09_learner.ipynb #7ad74786
+def load_weights(model: torch.nn.Module,          # The model to load into; nothing changes if the state is refused
+                 opt: torch.optim.Optimizer,      # Its optimizer
+                 state: dict,                     # What `load_state` read: weights from `learn.save`, a checkpoint, ...
+                 source: str,                     # What messages call it, e.g. its file
+                 with_opt: bool = True,           # Load the optimizer's state too if the state has one (warns if not)
+                 strict: bool = True,             # Refuse any mismatch; False loads what matches and warns
+                 ) -> None:
+    "Load a model's (and its optimizer's) state read from a file, checked whole before anything changes."
+    try:
+        check_tensors(state.get('model'), 'model')
+        if with_opt and 'opt' in state:
+            check_optimizer_state(state['opt'])
+            expect(isinstance(state.get('opt_class', ''), str), 'opt_class', 'a class name', state.get('opt_class'))
+    except ValueError as e: raise unusable(source, e) from e
+    if strict: check_model_fits(model, state['model'], source)
+    load_opt = with_opt and 'opt' in state
+    if load_opt: check_optimizer_fits(opt, state['opt'], state.get('opt_class'), source)
+    load_model_state(model, state['model'], strict=strict, source=source)
+    if load_opt: opt.load_state_dict(state['opt'])
+    elif with_opt: warnings.warn(f'{source} holds no optimizer state (saved with with_opt=False); only the model was loaded')
 
 # %% ../nbs/09_learner.ipynb #bfdd555f
 @patch

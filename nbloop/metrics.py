@@ -386,17 +386,18 @@ class Recorder(Callback):
         self._epoch_t0 = time.perf_counter()
 
     def after_batch(self, learn):
-        if getattr(learn, 'loss', None) is None: return   # cancelled before its loss was complete: not a batch
-        if learn.training:
+        state = learn.state                       # (every batch: read the state itself, not the learner's properties)
+        if state.loss is None: return             # cancelled before its loss was complete: not a batch
+        if state.training:
             lr = learn.opt.param_groups[0]['lr']
-            self._pending.append(learn.loss)          # already detached by the learner; stays on the device
-            self._meta.append((learn.epoch, learn.iter, learn.train_iter, lr))
-            self._sizes.append(batch_size_of(learn.yb[0]))
+            self._pending.append(state.loss)          # already detached by the learner; stays on the device
+            self._meta.append((state.epoch, state.iter, state.train_iter, lr))
+            self._sizes.append(batch_size_of(state.yb[0]))
             self.lrs.append(lr)
         else:
-            self._valid.append(learn.loss)
-            self._valid_sizes.append(batch_size_of(learn.yb[0]))
-            for m in self.metrics:
+            self._valid.append(state.loss)
+            self._valid_sizes.append(batch_size_of(state.yb[0]))
+            for m in self._metrics:
                 try: m.accumulate(learn)
                 except MetricError: raise
                 except Exception as e:
@@ -409,10 +410,11 @@ class Recorder(Callback):
         batches to the listeners as `(epoch, batch, step, loss, lr)` rows."""
         if not self._pending: return
         new = torch.stack([p.float() for p in self._pending]).tolist()  # sync point
-        rows = [(e, i, s, loss, lr) for (e, i, s, lr), loss in zip(self._meta, new)]
-        self._pending, self._meta = [], []
+        meta, self._pending, self._meta = self._meta, [], []
         self._smoothed.extend(self._ema(v) for v in new)
         self._losses.extend(new)
+        if not self.listeners: return
+        rows = [(e, i, s, loss, lr) for (e, i, s, lr), loss in zip(meta, new)]
         for fn in list(self.listeners): fn(rows)
 
     @property

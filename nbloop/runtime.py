@@ -20,26 +20,12 @@ import torch
 import torch.distributed as dist
 
 from .core import (CancelFitException, check_rng_state, check_trainable, default_device, expect, is_index, patch,
-                   to_device, unwrap_model)
-from .launch import distributed_env, init_distributed, side_group
-from .ckpt_format import (CheckpointError, CheckpointMismatchError, check_model_fits, check_optimizer_fits,
-                          check_optimizer_state, check_tensors, load_model_state, optimizer_class, save_state, unusable)
+                         to_device)
+from .launch import distributed_env, get_rank, get_world_size, init_distributed, side_group
+from .ckpt_format import CheckpointError, CheckpointMismatchError, check_tensors, save_state
 
 # %% auto #0
-__all__ = ['get_rank', 'get_world_size', 'Interrupted', 'Runtime', 'runtime_settings', 'DistributedRuntime', 'weights_state',
-           'load_weights', 'make_runtime']
-
-# %% ../nbs/05_runtime.ipynb #c6b1f811
-def get_rank() -> int:
-    "This process's rank among the training processes (0 when not distributed)."
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank()
-    return int(os.environ.get('RANK', 0))
-
-# %% ../nbs/05_runtime.ipynb #d6a6caa5
-def get_world_size() -> int:
-    "How many processes train together (1 when not distributed)."
-    if dist.is_available() and dist.is_initialized(): return dist.get_world_size()
-    return int(os.environ.get('WORLD_SIZE', 1))
+__all__ = ['Interrupted', 'Runtime', 'runtime_settings', 'DistributedRuntime', 'make_runtime']
 
 # %% ../nbs/05_runtime.ipynb #1b7f3e2a
 class Interrupted(Exception):
@@ -47,7 +33,7 @@ class Interrupted(Exception):
     def __init__(self, signame: str): super().__init__(signame); self.signame = signame
 
 # %% ../nbs/05_runtime.ipynb #896cb45a
-_NO_CONTEXT = contextlib.nullcontext()
+_NO_CONTEXT = contextlib.nullcontext()                    # does nothing, so one serves every batch
 
 class Runtime:
     """One process on one device: moves data, runs forward in the fit's precision, backward and step (scaled,
@@ -120,27 +106,34 @@ def runtime_settings(cbs: Iterable,   # Callbacks; those with a `runtime_setting
 @patch
 def autocast(self: Runtime) -> contextlib.AbstractContextManager:
     "The context of forward and loss: autocast to the fit's precision, or nothing."
-    if self.precision is None: return contextlib.nullcontext()
+    if self.precision is None: return _NO_CONTEXT
     return torch.autocast(self.device.type, dtype=self.precision)
 
 # %% ../nbs/05_runtime.ipynb #050d7a80
+@contextlib.contextmanager
+def _entered(*contexts):
+    "The contexts, entered in order (and left in reverse)."
+    with contextlib.ExitStack() as stack:
+        for c in contexts: stack.enter_context(c)
+        yield
+
 @patch
 def batch_context(self: Runtime,
                   training: bool,      # Whether the batch trains
                   iter: int,           # The batch's index in its epoch
                   n_iter: int | None,  # Batches in the epoch (None when unknown)
                   ) -> contextlib.AbstractContextManager:
-    """The context of a batch's forward and backward: no gradients in validation. In training with accumulation,
-    it decides whether the batch steps (the last of its group of `accumulate`, or of the epoch), and skips the
-    gradient all-reduce when it does not."""
+    """The context of a batch's forward and loss (its backward comes after it): the fit's precision (`autocast`).
+    In training with accumulation, it decides whether the batch steps (the last of its group of `accumulate`, or
+    of the epoch); when it does not, the forward also runs in `no_sync`, so that the backward after it
+    accumulates gradients without an all-reduce (DDP decides that in forward). In the common case, nothing at all."""
     n = self.accumulate
-    if not training: return torch.no_grad()
-    if n == 1: return _NO_CONTEXT
+    if not training or n == 1: return self.autocast()
     if n_iter is None: self._size, self.steps = n, (self.accumulated + 1) % n == 0   # groups run across epochs
     else:
         first = iter - iter % n
         self._size, self.steps = min(n, n_iter - first), (iter + 1) % n == 0 or iter + 1 == n_iter
-    return self.no_sync(self.model, not self.steps)
+    return self.autocast() if self.steps else _entered(self.no_sync(self.model, True), self.autocast())
 
 # %% ../nbs/05_runtime.ipynb #e8c449a5
 @patch
@@ -232,6 +225,17 @@ def _stop(self: Runtime, state, stop: str) -> None:
     if stop == 'cancel': raise CancelFitException()
     state.interrupted = stop
     raise Interrupted(stop)
+
+# %% ../nbs/05_runtime.ipynb #1c8e221c
+@patch
+@contextlib.contextmanager
+def phase_context(self: Runtime,
+                  state,   # The learner's `RunState`, at the phase's start (`state.training` says which phase)
+                  ) -> Iterator[None]:
+    """The context of a phase's batches, entered once per phase: no gradients in validation. When the batches
+    have run, the phase ends with a stop check (`check_stop(state, end=True)`: with several processes, one vote)."""
+    with _NO_CONTEXT if state.training else torch.no_grad(): yield
+    self.check_stop(state, end=True)
 
 # %% ../nbs/05_runtime.ipynb #06c395ac
 @patch
@@ -406,7 +410,9 @@ def save(self: Runtime,
          state: dict,                             # This process's state: `Learner.state_dict()`, or weights
          metadata: dict[str, str] | None = None,  # Extra header strings (the run id)
          ) -> Path | None:
-    "Write `state` to `path` atomically; here the one process writes it (without the per-process part it carries)."
+    """Write `state` to `path` atomically (without the per-process part it carries), if this process is the one that
+    writes (rank 0, or no RANK set); the others get None."""
+    if not self.is_main: return None
     return save_state(path, {k: v for k, v in state.items() if k != 'ranks'}, metadata)
 
 # %% ../nbs/05_runtime.ipynb #60aea190
@@ -665,37 +671,6 @@ def pick(self: DistributedRuntime,
         raise CheckpointError(f'rank 0 could not pick the checkpoint to resume: {picked[1]}')
     if picked[1] is None: return None
     return found if found is not None else read(Path(picked[1]))
-
-# %% ../nbs/05_runtime.ipynb #825ca1ef
-def weights_state(model: torch.nn.Module,                  # The model (its plain keys are saved, through any wrapper)
-                  opt: torch.optim.Optimizer | None = None,  # Its optimizer, saved with its class; None: weights only
-                  ) -> dict:
-    "What `learn.save` writes: `{'kind': 'weights', 'model': ..., 'opt': ..., 'opt_class': ...}`."
-    state = {'kind': 'weights', 'model': unwrap_model(model).state_dict()}
-    if opt is not None: state.update(opt=opt.state_dict(), opt_class=optimizer_class(opt))
-    return state
-
-# %% ../nbs/05_runtime.ipynb #52a95816
-def load_weights(model: torch.nn.Module,          # The model to load into; nothing changes if the state is refused
-                 opt: torch.optim.Optimizer,      # Its optimizer
-                 state: dict,                     # What `load_state` read: weights from `learn.save`, a checkpoint, ...
-                 source: str,                     # What messages call it, e.g. its file
-                 with_opt: bool = True,           # Load the optimizer's state too if the state has one (warns if not)
-                 strict: bool = True,             # Refuse any mismatch; False loads what matches and warns
-                 ) -> None:
-    "Load a model's (and its optimizer's) state read from a file, checked whole before anything changes."
-    try:
-        check_tensors(state.get('model'), 'model')
-        if with_opt and 'opt' in state:
-            check_optimizer_state(state['opt'])
-            expect(isinstance(state.get('opt_class', ''), str), 'opt_class', 'a class name', state.get('opt_class'))
-    except ValueError as e: raise unusable(source, e) from e
-    if strict: check_model_fits(model, state['model'], source)
-    load_opt = with_opt and 'opt' in state
-    if load_opt: check_optimizer_fits(opt, state['opt'], state.get('opt_class'), source)
-    load_model_state(model, state['model'], strict=strict, source=source)
-    if load_opt: opt.load_state_dict(state['opt'])
-    elif with_opt: warnings.warn(f'{source} holds no optimizer state (saved with with_opt=False); only the model was loaded')
 
 # %% ../nbs/05_runtime.ipynb #039114d0
 def make_runtime(

@@ -46,6 +46,7 @@ class RunState:
         self.stop = self.cancel = None                        # a pending 'SIGINT' / 'SIGTERM'; a pending 'cancel'
         self.pending_rng = self.phase_rng = None              # see `Learner.load_state_dict` and `state_dict`
         self.dl = self.dl_name = self.xb = self.yb = self.pred = self.loss = self.loss_grad = None
+        self._last_graph = None                               # the batch before's graph, until this one's exists
 
     def check_fit(self,
                   n_epochs: Any,      # What `fit` was given as its number of epochs
@@ -83,14 +84,17 @@ class RunState:
                   xb: tuple,   # The batch's inputs, on the device
                   yb: tuple,   # Its targets
                   ) -> None:
-        "A batch begins: its inputs and targets, and no prediction or loss yet."
+        """A batch begins: its inputs and targets, and no prediction or loss yet. The batch before's graph is kept
+        until this one's loss exists (`set_loss`), so that autograd reuses the parameters' gradient accumulators
+        instead of building new ones every batch (as a hand-written loop's `loss` variable does)."""
+        self._last_graph = self.loss_grad
         self.xb, self.yb, self.pred, self.loss, self.loss_grad = xb, yb, None, None, None
 
     def set_loss(self,
                  loss: Any,   # The batch's loss, with its gradient (`loss_grad`)
                  ) -> None:
         "The batch's loss: `loss_grad` to back-propagate, and `loss`, detached, for everyone else."
-        self.loss_grad, self.loss = loss, loss.detach()
+        self.loss_grad, self.loss, self._last_graph = loss, loss.detach(), None
 
     def forget_batch(self) -> None:
         "A batch cancelled before its loss was complete counts for nothing: no prediction, no loss."

@@ -18,15 +18,20 @@ from sklearn.metrics import f1_score, matthews_corrcoef, r2_score, roc_auc_score
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from nbloop.core import Callback, CancelBatchException
+from nbloop.core import Callback, CancelBatchException, forward_to
 from nbloop.learner import Learner, synth_learner
 from nbloop.metrics import (AvgMetric, EpochMetric, MatthewsCorrCoef, MetricError, Perplexity, Recorder, accuracy,
                             as_metric, top5_accuracy, top_k_accuracy)
+from nbloop.state import RunState
 
 
 class FakeLearn:
-    "What the Recorder and metrics read from a learner, set by hand."
+    "What the Recorder and metrics read from a learner, set by hand (the batch in a `RunState`, as the Learner's)."
+    (epoch, n_epochs, iter, n_iter, train_iter, total_steps, training, pct_train, fit_method, interrupted, resumed_from,
+     dl, xb, yb, pred, loss, loss_grad) = (forward_to('state', n) for n in RunState.names)
+
     def __init__(self, pred=None, targ=None, loss=None, training=False):
+        self.state = RunState()
         self.pred, self.yb, self.loss, self.training = pred, (targ,), loss, training
         self.epoch, self.device, self.valid_dl = 0, torch.device('cpu'), [None]
         self.opt = type('Opt', (), {'param_groups': [{'lr': 0.1}]})()
@@ -271,8 +276,7 @@ def test_batch_cancelled_after_backward_still_counts():
 def test_recorder_skips_a_batch_without_loss_by_hand():
     rec = Recorder([accuracy]); fl = FakeLearn(training=True)
     rec.before_fit(fl); rec.before_epoch(fl)
-    fl.loss = None
-    if hasattr(fl, 'loss'): del fl.loss          # the very first batch, before any loss was ever set
+    fl.loss = None                               # the very first batch, before any loss was ever set
     rec.after_batch(fl)
     assert rec.losses == [] and rec.lrs == []
 
