@@ -158,10 +158,9 @@ def _batches(self: Learner, batches: Iterator) -> None:
 
 # %% ../nbs/09_learner.ipynb #b7e2d913
 @patch
-def _epochs(self: Learner, resumed: dict | None) -> None:
-    "The fit's body: a resumed fit loads its state, then the epochs run from the position it holds."
-    if resumed is not None: self.load_state_dict(resumed)
-    for _ in self.state.epochs():                                      # from the position a resumed fit holds
+def _epochs(self: Learner) -> None:
+    "The fit's body: a resumed fit's callbacks take their states (after `before_fit`), then the epochs run on."
+    for _ in self.state.epochs(self.cbs, data_generators(self.train_dl, self.valid_dl)):   # from the resumed position
         self._with_events('epoch', CancelEpochException, self._one_epoch, lambda: self.recorder.end_epoch(self))
         self.runtime.check_stop(self.state, end=True)                   # a signal outside the batches stops here
 
@@ -193,7 +192,8 @@ def _fit(self: Learner, n_epochs: int, resume, method: str, cbs: Sequence = ()) 
     try:
         resumed = None if resume is None else self._read_resume(resume)   # checked whole; nothing changed yet
         with self.runtime.fitting(self.state, self.cbs):   # signals (and the interrupt's exit); precision, ...
-            self._with_events('fit', CancelFitException, lambda: self._epochs(resumed))
+            if resumed is not None: self.load_state_dict(resumed)        # callbacks' states: after before_fit
+            self._with_events('fit', CancelFitException, self._epochs)
     finally:
         if added: self.remove_cbs(added)
 
@@ -333,9 +333,9 @@ def check_state_dict(self: Learner,
 def load_state_dict(self: Learner,
                     state: dict,  # A training state, from `state_dict` or a checkpoint (see `check_state_dict`)
                     ) -> None:
-    """Put a training state back, checked whole first. Inside a fit (a resume) the loop then starts at its position,
-    and the random states are put back where the loop reaches it: here for an epoch boundary, at the start of the
-    phase for a position inside an epoch (`RunState.arrive`), since the events fired on the way there may draw."""
+    """Put a training state back, checked whole first. In a resumed fit (before `before_fit`) the callbacks' states
+    wait for `before_fit` to have run (`RunState.begin`), and the random states for the loop to reach the position
+    (`begin` at an epoch boundary, `RunState.arrive` inside an epoch): the events on the way may draw."""
     self.check_state_dict(state)
     source, total = state.get('path', 'the training state'), self.state.total_steps
     load_model_state(self.model, state['model'], strict=True, source=source)
@@ -345,12 +345,9 @@ def load_state_dict(self: Learner,
     self.state.load_state_dict(state['training'])
     pos = self.state.start
     if pos['phase'] == 'train': pos['iter'] = self.train_plan.load_state_dict(state['data'], pos['iter'])
-    for name, cb in stateful(self.cbs):
-        if name in state['callbacks']: cb.load_state_dict(state['callbacks'][name])
-        else: warnings.warn(f"the checkpoint has no state for callback '{name}'; it starts fresh")
     self.runtime.load_state_dict(state)
-    self.state.pending_rng = state['rng'] if self.state.fitting and pos['phase'] != 'end' else None
-    if self.state.pending_rng is None: self.restore_rng(state['rng'])   # else where the phase begins (`arrive`)
+    self.state.pending_callbacks, self.state.pending_rng = state['callbacks'], state['rng']
+    if not self.state.fitting: self.state.begin(self.cbs, data_generators(self.train_dl, self.valid_dl))   # at once
     if self.state.fitting: _warn_about_length(source, state['training'], total, self.state)
 
 def _warn_about_length(source: str, saved: dict, total: int | None, state: RunState) -> None:

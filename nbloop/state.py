@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .core import FitError, check_resume, expect, get_rng_state, is_index, patch, set_rng_state
+import warnings
+
+from .core import FitError, check_resume, expect, get_rng_state, is_index, patch, set_rng_state, stateful
 
 # %% auto #0
 __all__ = ['RunState']
@@ -45,6 +47,7 @@ class RunState:
         self.last_row: dict = {}                              # the row of the epoch that just ended, final at after_epoch
         self.stop = self.cancel = None                        # a pending 'SIGINT' / 'SIGTERM'; a pending 'cancel'
         self.pending_rng = self.phase_rng = None              # see `Learner.load_state_dict` and `state_dict`
+        self.pending_callbacks = None                         # a resumed fit's callback states, until `begin`
         self.dl = self.dl_name = self.xb = self.yb = self.pred = self.loss = self.loss_grad = None
         self._last_graph = None                               # the batch before's graph, until this one's exists
 
@@ -60,8 +63,13 @@ class RunState:
             raise ValueError(f'n_epochs must be a whole number >= 0, got {n_epochs!r}')
         check_resume(resume)
 
-    def epochs(self) -> Iterator[int]:
-        "The fit's epochs, from the position it starts at (0, or a resumed fit's); each begins with its row not final."
+    def epochs(self,
+               cbs: list = (),          # The fit's callbacks, for `begin`
+               generators: list = (),   # The data pipeline's own generators, for `begin`
+               ) -> Iterator[int]:
+        """The fit's epochs, from the position it starts at (0, or a resumed fit's), after `begin` (a resumed fit's
+        callback states); each epoch begins with its row not final."""
+        self.begin(cbs, generators)
         for self.epoch in range(self.start['epoch'], self.n_epochs):
             self.epoch_done, self.phase_begun, self.last_row = False, False, {}
             yield self.epoch
@@ -119,6 +127,23 @@ class RunState:
                   ) -> None:
         "The epoch ended: its row is final, and a checkpoint now continues with the next epoch."
         self.last_row, self.epoch_done = row, True
+
+# %% ../nbs/01_state.ipynb #27b25ad1
+@patch
+def begin(self: RunState,
+          cbs: list,          # The fit's callbacks (those with a state: see `core.stateful`)
+          generators: list,   # The data pipeline's own generators (see `data.data_generators`)
+          ) -> None:
+    """The loop begins, after `before_fit` (which starts every callback fresh): a resumed fit's callbacks take their
+    saved states now. Its random states come back here too when it resumed at an epoch's end; inside an epoch they
+    wait for `arrive`, where the phase begins. Outside a fit (`Learner.load_state_dict`), both come back at once."""
+    for name, cb in stateful(cbs) if self.pending_callbacks is not None else ():
+        if name in self.pending_callbacks: cb.load_state_dict(self.pending_callbacks[name])
+        else: warnings.warn(f"the checkpoint has no state for callback '{name}'; it starts fresh")
+    self.pending_callbacks = None
+    if self.pending_rng is not None and not (self.fitting and self.start['phase'] != 'end'):
+        set_rng_state(self.pending_rng, generators)
+        self.pending_rng = None
 
 # %% ../nbs/01_state.ipynb #d184a5c6
 @patch
