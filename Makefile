@@ -12,7 +12,7 @@ STAMP := $(VENV)/.nbloop-setup
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lab export readme docs tutorials browser check-sync clean
+.PHONY: setup demo test lab export readme docs tutorials browser check-sync clean bench
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ docs: setup
 # Run the tutorials and store their outputs in nbs/tutorials/ (commit them), then build the site.
 tutorials: setup
 	$(BIN)/python tools/docs.py --write-back
+
+# The loop's own cost against hand-written loops: one process, then torchrun with 2 processes (ratios; a few minutes).
+bench: setup
+	$(BIN)/python benchmarks/overhead.py && $(BIN)/python benchmarks/ddp.py
 
 clean:
 	rm -rf _docs _proc _build _site .pytest_cache tests/artifacts

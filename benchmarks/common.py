@@ -16,8 +16,18 @@ def data(seed=0):
     return train, valid
 
 
-def mlp():
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+def mlp(width: int = 64):
+    return nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def train_epoch(model, opt, batches):
+    "A hand-written training epoch: forward, loss, backward, step, zero_grad for each `(x, y)` batch."
+    model.train()
+    for xb, yb in batches:
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def quartiles(values):

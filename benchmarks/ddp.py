@@ -1,146 +1,125 @@
-"""DistributedDataParallel on the CPU (gloo), measured side by side in one run; every figure is a ratio.
+"""The loop's own cost under torchrun: nbloop's Learner against a hand-written DDP loop, side by side.
 
-1. Scaling: the same global batch of 128 samples and the same epoch (a small MLP, and a wider one), in 1 process
-   (batches of 128) and in 2 processes (batches of 64 each), started with nbloop's `launch`. Reported, not a goal:
-   with 2 cores and a tiny model the all-reduce and the second process's share of the cores decide. Beside it,
-   nbloop's 2 processes against a hand-written DDP loop (DistributedSampler, DDP, AdamW) in 2 processes.
-2. The stop agreement: 2 processes with the per-batch stop vote (an asynchronous all-reduce of one int on the
-   gloo group, read one batch later) against the same run with the vote switched off. Goal: within noise.
-3. Checkpoint writes: CheckpointCallback.save of a ~25 MB model (with AdamW state) in 2 processes (which gathers
-   every process's RNG states and gradients to rank 0, which writes) against 1 process.
+The job (issue 20): 2 processes started by torchrun, gloo, CPU, one thread each; the MLP 32→64→10 on 12,800
+random training samples and 3,200 validation samples, batches of 32 per process, SGD lr 0.1, validation with its
+loss and accuracy summed over both processes.
 
-Rounds alternate the contenders; medians of per-round ratios with quartiles are printed.
-Usage: python benchmarks/ddp.py [--rounds 5]
+Contenders, run in the same two processes (one process group), in alternating order each round:
+  plain      DistributedDataParallel + DistributedSampler (set_epoch every epoch) + the validation sums
+             (loss, hits, count) all-reduced at the end of each epoch; rank 0 prints them
+  learner    Learner(..., metrics=[accuracy]) with its default callbacks, given the plain DataLoaders (it shards
+             them itself)
+
+Each contender fits `--epochs` epochs and notes the time at the end of every epoch; its figure is the time per
+epoch from the end of the first epoch to the end of the last (the fit's start and end, and the first epoch's
+warm-up, left out). Rank 0's figures are printed: medians and quartiles of ms per epoch, and the median of the
+per-round ratios.
+
+Usage: python benchmarks/ddp.py [--rounds 9] [--epochs 4] [--width 64]   (starts torchrun itself)
+Goal: learner/plain <= 1.05.
 """
 import argparse
-import statistics
-import tempfile
+import io
+import os
+import subprocess
+import sys
 import time
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from nbloop.checkpoint import CheckpointCallback
-from nbloop.learner import Learner
-from nbloop.launch import launch
-import nbloop.runtime
+HERE = Path(__file__).resolve().parent
 
 
-def _data(batch_size: int, n: int = 16_384):
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(n, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+def datasets(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16_000, 32, generator=g), torch.randint(0, 10, (16_000,), generator=g)
+    return TensorDataset(x[:12_800], y[:12_800]), TensorDataset(x[12_800:], y[12_800:])
 
 
-def _model(width: int):
-    return nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
-
-
-def epoch_time(global_batch: int, width: int, vote: bool = True) -> float:
-    "Seconds for one training epoch in this process (rank 0's figure is returned by launch)."
-    torch.set_num_threads(1)
-    if not vote: nbloop.runtime.DistributedRuntime.vote_stop = lambda self, local, training: None
-    world = int(__import__('os').environ.get('WORLD_SIZE', 1))
-    torch.manual_seed(0)
-    learn = Learner(_model(width), _data(global_batch // world), device='cpu')
-    with learn.no_bar():
-        learn.fit(1)                      # warm-up
-        t = time.perf_counter()
-        learn.fit(1)
-        return time.perf_counter() - t
-
-
-def plain_ddp_epoch_time(global_batch: int, width: int) -> float:
-    "The same epoch in a hand-written DDP loop (DistributedSampler, DDP, AdamW, no callbacks): the floor."
-    import os
+def plain_ddp(epochs, train_ds, valid_ds, width, ends):
+    "The hand-written DDP loop; `ends` gets (wall, CPU) times at the end of every epoch."
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data.distributed import DistributedSampler
-    torch.set_num_threads(1)
-    world, rank = int(os.environ['WORLD_SIZE']), int(os.environ['RANK'])
-    dist.init_process_group('gloo')
-    try:
-        torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(_model(width))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        ds = _data(global_batch // world).dataset
-        sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=0)
-        dl = DataLoader(ds, batch_size=global_batch // world, sampler=sampler)
-        def epoch(e):
-            sampler.set_epoch(e)
-            for x, y in dl:
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        epoch(0)
-        t = time.perf_counter()
-        epoch(1)
-        return time.perf_counter() - t
-    finally: dist.destroy_process_group()
-
-
-def save_time(folder: str, rounds: int = 3) -> float:
-    "Median seconds of CheckpointCallback.save for a ~25 MB model with AdamW state (rank 0's figure)."
-    torch.set_num_threads(1)
+    from common import mlp, train_epoch
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(6)])
-    x = torch.randn(64, 1024)
-    dl = [(x, torch.randn(64, 1024))] * 2
-    cb = CheckpointCallback(dir=folder, every_n_epochs=None, keep_last=2, save_best=False)
-    learn = Learner(model, dl, loss_func=nn.functional.mse_loss, cbs=[cb], device='cpu')
-    with learn.no_bar(): learn.fit(1)
-    times = []
-    for _ in range(rounds):
-        learn.runtime.barrier()
-        t = time.perf_counter()
-        cb.save(learn)
-        learn.runtime.barrier()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    model = DistributedDataParallel(mlp(width))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_sampler = DistributedSampler(train_ds, shuffle=True, seed=0)
+    train = DataLoader(train_ds, batch_size=32, sampler=train_sampler)
+    valid = DataLoader(valid_ds, batch_size=32, sampler=DistributedSampler(valid_ds, shuffle=False))
+    for epoch in range(epochs):
+        train_sampler.set_epoch(epoch)
+        train_epoch(model, opt, train)
+        model.eval()
+        sums = torch.zeros(3)
+        with torch.no_grad():
+            for xb, yb in valid:
+                pred = model(xb)
+                sums += torch.stack([F.cross_entropy(pred, yb, reduction='sum'), (pred.argmax(1) == yb).sum(),
+                                     torch.tensor(float(len(yb)))])
+        dist.all_reduce(sums)
+        if dist.get_rank() == 0: print(f'{float(sums[0] / sums[2]):.4f} {float(sums[1] / sums[2]):.4f}')
+        ends.append((time.perf_counter(), time.process_time()))
 
 
-def ratios(pairs):
-    r = [a / b for a, b in pairs]
-    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
-    return f'{statistics.median(r):.3f}  (quartiles {q[0]:.3f} .. {q[2]:.3f})'
+def learner(epochs, train_ds, valid_ds, width, ends):
+    "The same job with a Learner; `ends` gets (wall, CPU) times at the end of every epoch."
+    from nbloop.learner import Learner
+    from nbloop.metrics import accuracy
+    from common import mlp
+    from overhead import EpochEnds
+    torch.manual_seed(0)
+    train = DataLoader(train_ds, batch_size=32, shuffle=True)
+    valid = DataLoader(valid_ds, batch_size=32)
+    learn = Learner(mlp(width), train, valid, opt_func=torch.optim.SGD, lr=0.1, metrics=[accuracy], device='cpu',
+                    cbs=[EpochEnds(ends)])
+    learn.fit(epochs)
+
+
+def worker(args):
+    "In each torchrun process: the rounds; rank 0 reports."
+    sys.path.insert(0, str(HERE))
+    import torch.distributed as dist
+    from common import report
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo')
+    train_ds, valid_ds = datasets()
+    contenders = {'plain': plain_ddp, 'learner': learner}
+    wall, cpu = {k: [] for k in contenders}, {k: [] for k in contenders}
+    for r in range(args.rounds + 1):                       # round 0 warms up
+        for k in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
+            ends = []
+            dist.barrier()
+            with redirect_stdout(io.StringIO()): contenders[k](args.epochs, train_ds, valid_ds, args.width, ends)
+            if r:
+                w, c = ((last - first) / (len(ends) - 1) for first, last in zip(ends[0], ends[-1]))
+                wall[k].append(w); cpu[k].append(c)
+    if dist.get_rank() == 0:
+        print(f'torch {torch.__version__}, torchrun, 2 processes, gloo, one thread each; MLP 32->{args.width}->10, '
+              f'12.8k + 3.2k samples, batch 32 per process; {args.rounds} interleaved rounds, rank 0, ms per epoch '
+              f'(epochs 2..{args.epochs} of each fit):')
+        report(wall, cpu, [('learner', 'plain', '<= 1.05')])
+    dist.destroy_process_group()
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument('--rounds', type=int, default=5)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--rounds', type=int, default=9)
+    ap.add_argument('--epochs', type=int, default=4)
+    ap.add_argument('--width', type=int, default=64, help='hidden width of the MLP (64: the job; 512: real work dominates)')
+    ap.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     args = ap.parse_args()
-    print(f'torch {torch.__version__}, {args.rounds} rounds, CPU, gloo')
-    for width in (64, 512):
-        pairs = []
-        for r in range(args.rounds):
-            order = [1, 2] if r % 2 == 0 else [2, 1]
-            t = {n: launch(epoch_time, n, 128, width, timeout=600) for n in order}
-            pairs.append((t[1], t[2]))
-        print(f'1. epoch time, 1 process / 2 processes, global batch 128, MLP width {width}: {ratios(pairs)}'
-              f'   (> 1: 2 processes are faster)')
-        pairs = []
-        for r in range(args.rounds):
-            order = ['nbloop', 'plain'] if r % 2 == 0 else ['plain', 'nbloop']
-            t = {k: launch(epoch_time if k == 'nbloop' else plain_ddp_epoch_time, 2, 128, width, timeout=600)
-                 for k in order}
-            pairs.append((t['nbloop'], t['plain']))
-        print(f'   2 processes, nbloop / a hand-written DDP loop, MLP width {width}: {ratios(pairs)}')
-    pairs = []
-    for r in range(args.rounds):
-        order = [True, False] if r % 2 == 0 else [False, True]
-        t = {v: launch(epoch_time, 2, 128, 64, v, timeout=600) for v in order}
-        pairs.append((t[True], t[False]))
-    print(f'2. epoch time with the stop vote / without, 2 processes, 128 batches of 64 each: {ratios(pairs)}'
-          f'   (goal: within noise of 1)')
-    pairs = []
-    with tempfile.TemporaryDirectory() as d:
-        for r in range(args.rounds):
-            order = [1, 2] if r % 2 == 0 else [2, 1]
-            t = {n: launch(save_time, n, str(Path(d) / f'{n}-{r}'), timeout=600) for n in order}
-            pairs.append((t[2], t[1]))
-    print(f'3. checkpoint write, 2 processes / 1 process, 25 MB model + AdamW state: {ratios(pairs)}')
+    if args.epochs < 2: ap.error('--epochs must be at least 2 (the first epoch is the warm-up)')
+    if args.rounds < 2: ap.error('--rounds must be at least 2 (quartiles need two)')
+    if args.worker: return worker(args)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(Path(__file__).resolve()),
+           '--worker', '--rounds', str(args.rounds), '--epochs', str(args.epochs), '--width', str(args.width)]
+    sys.exit(subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS='1')).returncode)
 
 
 if __name__ == '__main__':
