@@ -276,6 +276,4 @@ def resume_state(learn: Learner,          # The learner to resume
                  ) -> dict | None:
     "The training state `learn.fit(resume=...)` would continue, read and checked (nothing is loaded). Old name, kept for one release."
     check_resume(resume)
-    before = learn.state.resumed_from       # reading is not resuming: the learner says where its last fit came from
-    try: return learn._read_resume(resume)
-    finally: learn.state.resumed_from = before
+    return learn._read_resume(resume)

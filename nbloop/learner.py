@@ -348,7 +348,9 @@ def load_state_dict(self: Learner,
     self.runtime.load_state_dict(state)
     self.state.pending_callbacks, self.state.pending_rng = state['callbacks'], state['rng']
     if not self.state.fitting: self.state.begin(self.cbs, data_generators(self.train_dl, self.valid_dl))   # at once
-    if self.state.fitting: _warn_about_length(source, state['training'], total, self.state)
+    else:                                                     # a resume: where it came from; a word on its length
+        self.state.resumed_from = Path(state['path']) if 'path' in state else None
+        _warn_about_length(source, state['training'], total, self.state)
 
 def _warn_about_length(source: str, saved: dict, total: int | None, state: RunState) -> None:
     "Warn when a resumed run has another length than the run it continues, or nothing left to train."
@@ -371,7 +373,6 @@ def _read_resume(self: Learner, resume: str | Path) -> dict | None:
                                   self.state.total_steps)
     if state is None: return None
     self.check_state_dict(state)                   # another model, optimizer or callbacks: refused, not skipped
-    self.state.resumed_from = Path(state['path'])
     return state
 
 # %% ../nbs/09_learner.ipynb #4e1a0b59
