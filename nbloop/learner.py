@@ -21,7 +21,7 @@ from .core import (CancelBatchException, CancelEpochException, CancelFitExceptio
                    CancelValidateException, Callback, CallbackHost, FitError, LossError, ModelError, call_model,
                    check_callback_states, check_rng_state, compute_loss, describe, expect, forward_to, get_rng_state,
                    patch, set_rng_state, stateful, unwrap_model)
-from .state import RunState
+from .state import RunState, RunStateView
 from .data import (BatchError, EmptyDataError, EpochPlan, batches_per_epoch, check_dataloader, check_plan_state,
                    data_generators, epoch_plans, split_batch)
 from .ckpt_format import (FORMAT_VERSION, check_model_fits, check_optimizer_fits, check_optimizer_state,
@@ -36,7 +36,7 @@ from .schedule import LRFinder, LRFindResult, LRScheduler, has_momentum, one_cyc
 __all__ = ['Learner', 'synth_data', 'synth_learner', 'weights_state', 'load_weights']
 
 # %% ../nbs/09_learner.ipynb #48a323e8
-class Learner(CallbackHost):
+class Learner(CallbackHost, RunStateView):
     """Train `model` on `train_dl` (validating on `valid_dl`) with callbacks. The run's counters and current batch are
     in `learn.state` (a `RunState`), where and how the math runs in `learn.runtime`; both are readable as attributes."""
     def __init__(self,
@@ -66,8 +66,6 @@ class Learner(CallbackHost):
         self.path, self.opt = Path(path), opt_func(self.model.parameters(), lr=lr)
         self.train_plan, self.valid_plan = EpochPlan(train_dl, 'train_dl', self.runtime), None   # each fit makes its own
 
-    (epoch, n_epochs, iter, n_iter, train_iter, total_steps, training, pct_train, fit_method, interrupted, resumed_from,
-     dl, xb, yb, pred, loss, loss_grad) = (forward_to('state', n) for n in RunState.names)
     device, scaler = forward_to('runtime', 'device'), forward_to('runtime', 'scaler')
     metrics = property(lambda self: self.recorder.metrics, lambda self, m: setattr(self.recorder, 'metrics', m),
                        doc='The metrics computed in validation (the recorder\'s); assigning a new list replaces them.')

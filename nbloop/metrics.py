@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Callback, CallbackHost, DebiasedEMA, camel_to_snake, check_state, describe, forward_to, new_figure, patch
-from .state import RunState
+from .core import Callback, CallbackHost, DebiasedEMA, camel_to_snake, check_state, describe, new_figure, patch
+from .state import RunState, RunStateView
 from .data import EpochPlan
 from .runtime import Runtime
 
@@ -629,7 +629,7 @@ def plot_lr(self: Recorder) -> Figure:
     return fig
 
 # %% ../nbs/06_metrics.ipynb #7f1e3d5a
-class TinyLearner(CallbackHost):
+class TinyLearner(CallbackHost, RunStateView):
     """A stand-in for the `Learner` (09_learner) on the pages before it: it trains `model` with SGD on `train` (a list
     of `(x, y)` batches) and validates on `valid`, firing the loop's events in the loop's order (nothing is cancelled),
     with the attributes the shipped callbacks read. A `Recorder` with `metrics` is always among its callbacks."""
@@ -647,9 +647,6 @@ class TinyLearner(CallbackHost):
         self.opt, self.runtime, self.state = torch.optim.SGD(self.model.parameters(), lr=lr), Runtime('cpu'), RunState()
         self.device = self.runtime.device
         super().__init__([self.recorder, *cbs], self.runtime.runs_here)
-
-    (epoch, n_epochs, iter, n_iter, train_iter, total_steps, training, pct_train, fit_method, interrupted, resumed_from,
-     dl, xb, yb, pred, loss, loss_grad) = (forward_to('state', n) for n in RunState.names)
 
     def fit(self,
             n_epochs: int,   # Epochs to train

@@ -10,10 +10,11 @@ from typing import Any
 
 import warnings
 
-from .core import FitError, check_resume, expect, get_rng_state, is_index, patch, set_rng_state, stateful
+from .core import (FitError, check_resume, expect, forward_to, get_rng_state, is_index, patch, set_rng_state,
+                         stateful)
 
 # %% auto #0
-__all__ = ['RunState']
+__all__ = ['RunState', 'RunStateView']
 
 # %% ../nbs/01_state.ipynb #0c2d4e61
 _PHASES = ('train', 'valid', 'end')
@@ -127,6 +128,11 @@ class RunState:
                   ) -> None:
         "The epoch ended: its row is final, and a checkpoint now continues with the next epoch."
         self.last_row, self.epoch_done = row, True
+
+# %% ../nbs/01_state.ipynb #1ddffeec
+class RunStateView:
+    "A mixin for what keeps a `RunState` in `self.state`: its attributes (`epoch`, `loss`, ...) read and write as its own."
+for _name in RunState.names: setattr(RunStateView, _name, forward_to('state', _name))
 
 # %% ../nbs/01_state.ipynb #27b25ad1
 @patch

@@ -18,18 +18,15 @@ from sklearn.metrics import f1_score, matthews_corrcoef, r2_score, roc_auc_score
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from nbloop.core import Callback, CancelBatchException, forward_to
+from nbloop.core import Callback, CancelBatchException
 from nbloop.learner import Learner, synth_learner
 from nbloop.metrics import (AvgMetric, EpochMetric, MatthewsCorrCoef, MetricError, Perplexity, Recorder, accuracy,
                             as_metric, top5_accuracy, top_k_accuracy)
-from nbloop.state import RunState
+from nbloop.state import RunState, RunStateView
 
 
-class FakeLearn:
+class FakeLearn(RunStateView):
     "What the Recorder and metrics read from a learner, set by hand (the batch in a `RunState`, as the Learner's)."
-    (epoch, n_epochs, iter, n_iter, train_iter, total_steps, training, pct_train, fit_method, interrupted, resumed_from,
-     dl, xb, yb, pred, loss, loss_grad) = (forward_to('state', n) for n in RunState.names)
-
     def __init__(self, pred=None, targ=None, loss=None, training=False):
         self.state = RunState()
         self.pred, self.yb, self.loss, self.training = pred, (targ,), loss, training
