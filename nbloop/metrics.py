@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -152,25 +153,27 @@ class CountMetric(Metric):
                  ):
         self.counts, self.name = counts, name
         self.reset()
-    def reset(self): self.hits = self.total = None
+    def reset(self): self.hits, self.total = [], []       # each batch's counts, summed once, at the end
     def update(self,
                pred,   # The model's output for the batch (`learn.pred`)
                targ,   # The batch's target (`learn.yb[0]`)
                ):
         hits, total = self.counts(pred, targ)
-        self.hits = hits if self.hits is None else self.hits + hits
-        self.total = total if self.total is None else self.total + total
+        self.hits.append(hits); self.total.append(total)      # no device op per batch
     def compute(self) -> float:
-        if self.hits is None: return math.nan
-        counts = [self.hits, self.total]
-        if all(isinstance(c, torch.Tensor) for c in counts): counts = torch.stack(counts).tolist()  # sync point: once per epoch
-        hits, total = counts
+        if not self.hits: return math.nan
+        hits, total = _count_sums(self.hits, self.total)      # sync point: once per epoch
         return hits / total if total else math.nan    # Python ints: one correctly rounded float64 division
     def sync(self,
              gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
              ):
-        if self.hits is None: self.hits = self.total = 0         # no batches here: 0 of 0 (nan if none anywhere)
-        self.hits, self.total = _summed(gather, int(self.hits), int(self.total))
+        hits, total = _summed(gather, *_count_sums(self.hits, self.total))   # no batches here: 0 of 0
+        self.hits, self.total = [hits], [total]
+
+def _count_sums(hits: list, total: list) -> list:
+    "The sums of a metric's per-batch counts (tensors on the device, summed there, or numbers), with one sync."
+    if not (hits and all(isinstance(c, torch.Tensor) for c in hits + total)): return [sum(hits), sum(total)]
+    return torch.stack([torch.stack(hits).sum(0), torch.stack(total).sum(0)]).tolist()
 
 # %% ../nbs/06_metrics.ipynb #3ba5a16c
 class EpochMetric(Metric):
@@ -226,8 +229,9 @@ def predicted_class(pred: torch.Tensor,   # Logits: a (class) dimension more tha
 # %% ../nbs/06_metrics.ipynb #b0539790
 def _accuracy_counts(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "(correct, counted) as int64 tensors on the device; targets equal to -100 are not counted."
-    keep = targ != _IGNORE
-    return ((predicted_class(pred, targ) == targ.long()) & keep).sum(), keep.sum()
+    # a predicted class is never negative, so a target of -100 is never a hit; count_nonzero costs less than sum
+    hits = predicted_class(pred, targ) == (targ.long() if targ.is_floating_point() else targ)
+    return hits.count_nonzero(), (targ != _IGNORE).count_nonzero()
 
 def accuracy(pred: torch.Tensor,   # Logits or scores, read by `predicted_class`
              targ: torch.Tensor,   # The target classes; those equal to -100 (padding) are not counted
@@ -248,9 +252,8 @@ def top_k_accuracy(k: int = 5,   # How many of the highest predictions may hold 
         if pred.ndim != targ.ndim + 1:
             raise ValueError(f'{name} needs predictions with one more (class) dimension than the targets, got '
                              f'predictions ({describe(pred)}) and targets ({describe(targ)})')
-        keep = targ != _IGNORE
-        top = pred.topk(min(k, pred.shape[-1]), dim=-1).indices
-        return ((top == targ.long().unsqueeze(-1)).any(dim=-1) & keep).sum(), keep.sum()
+        top = pred.topk(min(k, pred.shape[-1]), dim=-1).indices      # never negative: -100 is never a hit
+        return (top == targ.long().unsqueeze(-1)).any(dim=-1).count_nonzero(), (targ != _IGNORE).count_nonzero()
     def metric(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
         hits, counted = counts(pred, targ)
         return hits / counted
@@ -367,8 +370,9 @@ class Recorder(Callback):
 
     def _reset_fit(self):
         self._losses: list[float] = []
-        self._pending: list[torch.Tensor] = []
-        self._meta: list[tuple] = []          # (epoch, batch, step, lr) of each pending loss
+        self._pending: list[torch.Tensor] = []   # losses on the device: `_stacked` stacks of 32 first, then single ones
+        self._stacked = 0
+        self._meta: list[tuple] = []          # (epoch, batch, step, lr, batch size) of each pending loss
         self.lrs: list[float] = []
         self._sizes: list[int] = []          # batch sizes of the current epoch's training batches
         self._epoch_start = 0                # index in losses where this epoch started
@@ -389,11 +393,12 @@ class Recorder(Callback):
         state = learn.state                       # (every batch: read the state itself, not the learner's properties)
         if state.loss is None: return             # cancelled before its loss was complete: not a batch
         if state.training:
-            lr = learn.opt.param_groups[0]['lr']
-            self._pending.append(state.loss)          # already detached by the learner; stays on the device
-            self._meta.append((state.epoch, state.iter, state.train_iter, lr))
-            self._sizes.append(batch_size_of(state.yb[0]))
+            pending, lr = self._pending, learn.opt.param_groups[0]['lr']
+            pending.append(state.loss)                # already detached by the learner; stays on the device
+            self._meta.append((state.epoch, state.iter, state.train_iter, lr, batch_size_of(state.yb[0])))
             self.lrs.append(lr)
+            if len(pending) - self._stacked >= 32:    # stacked on the device while fresh in the cache (no sync)
+                pending[self._stacked:] = [torch.stack(pending[self._stacked:])]; self._stacked += 1
         else:
             self._valid.append(state.loss)
             self._valid_sizes.append(batch_size_of(state.yb[0]))
@@ -406,15 +411,14 @@ class Recorder(Callback):
                         f"targets: {describe(learn.yb[0])})") from e
 
     def flush(self) -> None:
-        """Turn the pending losses into floats (a sync point), extend the smoothed curve, and hand the new training
-        batches to the listeners as `(epoch, batch, step, loss, lr)` rows."""
+        "Turn the pending losses into floats (one sync) and hand the new training batches to the listeners as rows."
         if not self._pending: return
-        new = torch.stack([p.float() for p in self._pending]).tolist()  # sync point
-        meta, self._pending, self._meta = self._meta, [], []
-        self._smoothed.extend(self._ema(v) for v in new)
-        self._losses.extend(new)
+        pending, k, meta = self._pending, self._stacked, self._meta      # the stacks of 32, then the newest single losses
+        new = torch.cat(pending[:k] + ([torch.stack(pending[k:])] if len(pending) > k else [])).float().tolist()  # sync point
+        self._pending, self._stacked, self._meta = [], 0, []
+        self._losses.extend(new); self._sizes.extend(m[4] for m in meta)
         if not self.listeners: return
-        rows = [(e, i, s, loss, lr) for (e, i, s, lr), loss in zip(meta, new)]
+        rows = [(e, i, s, loss, lr) for (e, i, s, lr, _), loss in zip(meta, new)]
         for fn in list(self.listeners): fn(rows)
 
     @property
@@ -426,32 +430,30 @@ class Recorder(Callback):
     @property
     def smoothed_losses(self) -> list[float]:
         "The debiased exponential moving average of `losses`."
-        self.flush()
-        return self._smoothed
+        return self._smooth()
 
     @property
     def smooth_loss(self) -> float:
         "The latest smoothed training loss (nan before the first batch)."
-        self.flush()
-        return self._smoothed[-1] if self._smoothed else math.nan
+        return self._smooth()[-1] if self._losses or self._pending else math.nan
 
-    @staticmethod
-    def _mean_over_processes(learn, sums: tuple[float, int]) -> float:
-        "The mean over every process's samples, from each process's (sum, count)."
-        total, n = learn.runtime.sum_over_processes(*sums)
-        return total / n if n else math.nan
+    def _smooth(self) -> list[float]:
+        "The smoothed curve, extended over the losses flushed since it was last read (no work while nobody reads it)."
+        self.flush()
+        self._smoothed.extend(self._ema(v) for v in self._losses[len(self._smoothed):])
+        return self._smoothed
 
 # %% ../nbs/06_metrics.ipynb #b4f0d6e2
 @patch
 def _train_sums(self: Recorder) -> tuple[float, int]:
     self.flush()
     vals = self._losses[self._epoch_start:]
-    return sum(v * s for v, s in zip(vals, self._sizes)), sum(self._sizes)
+    return sum(map(operator.mul, vals, self._sizes)), sum(self._sizes)     # (in order: as `sum(v * s ...)`)
 
 @patch
 def _valid_sums(self: Recorder) -> tuple[float, int]:
     if not self._valid: return 0., 0
-    vals = torch.stack([v.float() for v in self._valid]).tolist()  # sync point
+    vals = torch.stack(self._valid).float().tolist()  # sync point
     return sum(v * s for v, s in zip(vals, self._valid_sizes)), sum(self._valid_sizes)
 
 @patch
@@ -482,10 +484,15 @@ def running_values(self: Recorder,
     return vals
 
 # %% ../nbs/06_metrics.ipynb #c7de3b62
+def _mean_over_processes(learn, sums: tuple[float, int]) -> float:
+    "The mean over every process's samples, from each process's (sum, count)."
+    total, n = learn.runtime.sum_over_processes(*sums)
+    return total / n if n else math.nan
+
 @patch
 def after_train(self: Recorder, learn):
     "Start the epoch's row with its training loss (the mean over every process's samples)."
-    learn.state.row = {'epoch': learn.epoch, 'train_loss': self._mean_over_processes(learn, self._train_sums())}
+    learn.state.row = {'epoch': learn.epoch, 'train_loss': _mean_over_processes(learn, self._train_sums())}
     self._epoch_start, self._sizes = len(self._losses), []
 
 # %% ../nbs/06_metrics.ipynb #7f205675
@@ -501,7 +508,7 @@ def before_validate(self: Recorder, learn):
 @patch
 def after_validate(self: Recorder, learn):
     "The validation loss and every metric (each synced over the processes first): `values`."
-    values = {'valid_loss': self._mean_over_processes(learn, self._valid_sums())}
+    values = {'valid_loss': _mean_over_processes(learn, self._valid_sums())}
     for m in self.metrics:
         try:
             learn.runtime.sync_metric(m)
@@ -541,7 +548,7 @@ def state_dict(self: Recorder) -> dict:
     "Everything needed to continue recording exactly where this fit stopped."
     self.flush()
     return {'history': self.history, 'losses': torch.tensor(self._losses, dtype=torch.float64),
-            'smoothed': torch.tensor(self._smoothed, dtype=torch.float64),
+            'smoothed': torch.tensor(self._smooth(), dtype=torch.float64),
             'lrs': torch.tensor(self.lrs, dtype=torch.float64), 'sizes': list(self._sizes),
             'epoch_start': self._epoch_start, 'epoch_ends': list(self._epoch_ends),
             'smooth': self._ema.avg, 'n_smooth': self._ema.n}
@@ -566,7 +573,7 @@ def load_state_dict(self: Recorder,
     "Restore what `state_dict` returned."
     self.check_state_dict(state)
     self.history = [dict(r) for r in state['history']]
-    self._losses, self._pending, self._meta = state['losses'].tolist(), [], []
+    self._losses, self._pending, self._meta, self._stacked = state['losses'].tolist(), [], [], 0
     self._smoothed, self.lrs = state['smoothed'].tolist(), state['lrs'].tolist()
     self._sizes, self._epoch_start = list(state['sizes']), state['epoch_start']
     self._epoch_ends = list(state['epoch_ends'])
