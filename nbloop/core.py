@@ -358,9 +358,8 @@ def _run_deferred(self: CallbackHost) -> None:
 @patch
 def _fire(self: CallbackHost, event: str) -> None:
     "Call the handlers of `event` in order, then what they deferred (also when one of them cancels or fails)."
-    if event not in self._dispatch: return            # most events have no handler: nothing to call, nothing deferred
     try:
-        for handler in self._dispatch[event]: handler(self)
+        for handler in self._dispatch.get(event, ()): handler(self)
     finally:
         if self._deferred: self._run_deferred()
 
@@ -376,7 +375,7 @@ def _with_events(self: CallbackHost,
     interrupt their failures are warnings, so that the error you see is the one that stopped the fit."""
     before, after_cancel, after = _EVENTS[name]
     try:
-        self._fire(before)
+        if before in self._dispatch: self._fire(before)     # (no call for an event without handlers: every batch)
         body()
     except cancel: self._fire(after_cancel)
     except BaseException:

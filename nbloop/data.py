@@ -259,12 +259,13 @@ def epoch(self: EpochPlan,
 
 @patch
 def _numbered(self: EpochPlan, batches: Iterator, start: int) -> Iterator[tuple[int, Any]]:
-    seen = False
-    for k, batch in enumerate(batches, start):
-        seen = True
-        yield k, batch
-    if seen: self.passes += 1
-    elif start == 0 and not (self.order and not self.pad):   # validation split across more processes than batches
+    numbered = enumerate(batches, start)
+    for first in numbered:              # the epoch has batches; the others pass straight through, with no work here
+        self.passes += 1
+        yield first
+        yield from numbered
+        return
+    if start == 0 and not (self.order and not self.pad):   # validation split across more processes than batches
         again = (f' It yielded batches {"in an earlier epoch" if self.pad else "before"}, so it is not re-iterable: '
                  f'pass a DataLoader, a list, or an object whose __iter__ starts over each time.' if self.passes else '')
         if self.pad: raise EmptyDataError(empty_message(self.dl, self.name) + again)

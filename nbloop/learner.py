@@ -113,25 +113,26 @@ def synth_learner(n: int = 128,                  # Samples in all (see `synth_da
 # %% ../nbs/09_learner.ipynb #d93b6e27
 @patch
 def _one_batch(self: Learner) -> None:
-    "Forward and loss in the runtime's batch context; in training, backward and the optimizer step through the runtime."
+    """Forward and loss in the runtime's batch context; in training, backward and the optimizer step through the
+    runtime. An event is fired only when it has handlers (a dict lookup here instead of a call: most have none)."""
     state, runtime = self.state, self.runtime          # (locals: this runs every batch, and reads them often)
     try:
         with runtime.batch_context(state.training, state.iter, state.n_iter):   # precision; accumulating: no all-reduce
             state.pred = call_model(self.model, state.xb, state.dl_name, first=state.iter == 0)
-            self._fire('after_pred')
+            if 'after_pred' in self._dispatch: self._fire('after_pred')
             state.set_loss(compute_loss(self.loss_func, state.pred, state.yb, state.training))
-            self._fire('after_loss')
+            if 'after_loss' in self._dispatch: self._fire('after_loss')
     except CancelBatchException:                 # cancelled before its loss was complete: the batch counts for nothing
         state.forget_batch()
         raise
     if not state.training: return
-    self._fire('before_backward')
+    if 'before_backward' in self._dispatch: self._fire('before_backward')
     runtime.backward(state.loss_grad)
-    self._fire('after_backward')
+    if 'after_backward' in self._dispatch: self._fire('after_backward')
     if not runtime.steps: raise CancelBatchException()                 # accumulating: the group's last batch steps
-    self._fire('before_step')
+    if 'before_step' in self._dispatch: self._fire('before_step')
     runtime.step(self.opt)
-    self._fire('after_step')
+    if 'after_step' in self._dispatch: self._fire('after_step')
     self.opt.zero_grad(set_to_none=True)
 
 # %% ../nbs/09_learner.ipynb #c4d8a1f0
@@ -147,12 +148,13 @@ def _phase(self: Learner, plan: EpochPlan, training: bool) -> None:
 @patch
 def _batches(self: Learner, batches: Iterator) -> None:
     "The phase's batches; a resumed fit first puts back the random states the interrupted one had here."
-    self.state.arrive(data_generators(self.train_dl, self.valid_dl))
-    with self.runtime.phase_context(self.state):      # no gradients in validation; at the end, the stop vote
-        for self.state.iter, batch in batches:                          # (the state's attributes: no property reads)
-            self.state.new_batch(*split_batch(self.runtime.to_device(batch), self.state.dl_name))
-            self._with_events('batch', CancelBatchException, self._one_batch, self.state.count_batch)
-            self.runtime.check_stop(self.state, self.state.training)   # SIGINT/SIGTERM: stop at this boundary
+    state, runtime = self.state, self.runtime          # (locals: this runs every batch)
+    state.arrive(data_generators(self.train_dl, self.valid_dl))
+    with runtime.phase_context(state):                 # no gradients in validation; at the end, the stop vote
+        for state.iter, batch in batches:                               # (the state's attributes: no property reads)
+            state.new_batch(*split_batch(runtime.to_device(batch), state.dl_name))
+            self._with_events('batch', CancelBatchException, self._one_batch, state.count_batch)
+            runtime.check_stop(state, state.training)                   # SIGINT/SIGTERM: stop at this boundary
 
 # %% ../nbs/09_learner.ipynb #b7e2d913
 @patch

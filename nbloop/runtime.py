@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import signal
 import sys
@@ -34,6 +35,7 @@ class Interrupted(Exception):
 
 # %% ../nbs/05_runtime.ipynb #896cb45a
 _NO_CONTEXT = contextlib.nullcontext()                    # does nothing, so one serves every batch
+_IS_CPU = operator.attrgetter('is_cpu')                # `t.is_cpu` of a tensor, from C
 
 class Runtime:
     """One process on one device: moves data, runs forward in the fit's precision, backward and step (scaled,
@@ -44,6 +46,7 @@ class Runtime:
                  device: str | torch.device | None = None,  # Where the math runs; None picks CUDA, then MPS, then CPU
                  ):
         self.device = torch.device(device) if device is not None else default_device()
+        self._cpu = self.device.type == 'cpu'   # (read every batch by `to_device`; the device never changes)
         self.precision, self.scaler, self.accumulate, self.clip = None, None, 1, None
         self.accumulated = 0                 # training batches whose gradients wait for the next step
         self.steps, self._size, self._unscaled = True, 1, False
@@ -72,7 +75,12 @@ class Runtime:
     def to_device(self,
                   items: Any,  # A tensor, or tensors nested in tuples, lists and dicts (other values stay as they are)
                   ) -> Any:
-        "Move a batch's tensors to the device (asynchronously where possible)."
+        """Move a batch's tensors to the device (asynchronously where possible). On the CPU, a batch (a tuple or list)
+        of tensors that are all there already is returned as it is, after one look at each item (no work in Python)."""
+        if self._cpu and type(items) in (tuple, list):
+            try:
+                if all(map(_IS_CPU, items)): return items
+            except AttributeError: pass                     # not only tensors: `to_device` walks it
         return to_device(items, self.device)
 
 # %% ../nbs/05_runtime.ipynb #6a1d3e5f
@@ -128,7 +136,7 @@ def batch_context(self: Runtime,
     of the epoch); when it does not, the forward also runs in `no_sync`, so that the backward after it
     accumulates gradients without an all-reduce (DDP decides that in forward). In the common case, nothing at all."""
     n = self.accumulate
-    if not training or n == 1: return self.autocast()
+    if not training or n == 1: return _NO_CONTEXT if self.precision is None else self.autocast()
     if n_iter is None: self._size, self.steps = n, (self.accumulated + 1) % n == 0   # groups run across epochs
     else:
         first = iter - iter % n
@@ -141,6 +149,7 @@ def backward(self: Runtime,
              loss: torch.Tensor,  # The scalar loss to back-propagate
              ) -> None:
     "Back-propagate `loss`: divided over its accumulation group, and scaled first when there is a gradient scaler."
+    if self.accumulate == 1 and self.scaler is None: return loss.backward()        # the common case, at once
     if self.accumulate > 1: loss = loss / self._size
     (loss if self.scaler is None else self.scaler.scale(loss)).backward()
     if self.accumulate > 1: self.accumulated = 0 if self.steps else self.accumulated + 1
@@ -162,6 +171,7 @@ def step(self: Runtime,
          opt: torch.optim.Optimizer,  # The optimizer to step
          ) -> None:
     "One optimizer step: the gradients unscaled and clipped first if asked; through the scaler, which skips inf/NaN steps."
+    if self.clip is None and self.scaler is None: return opt.step()                # the common case, at once
     if self.clip is not None:
         self.unscale(opt)
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']], *self.clip)

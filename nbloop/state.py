@@ -40,7 +40,7 @@ class RunState:
         "Start a new fit of `n_epochs` epochs (`total_steps` training batches, None when unknown), from its beginning."
         self.epoch = self.iter = self.train_iter = 0
         self.n_epochs, self.total_steps, self.fit_method = n_epochs, total_steps, fit_method
-        self.n_iter, self.training, self.pct_train, self.interrupted, self.resumed_from = None, False, 0., None, None
+        self.n_iter, self.training, self.interrupted, self.resumed_from = None, False, None, None
         self.start = {'epoch': 0, 'iter': 0, 'phase': 'end'}  # where the loop begins: a resumed fit's position
         self.epoch_done = False                               # the epoch's row is final (from its end to the next)
         self.phase_begun = False                              # this epoch's first phase has begun
@@ -119,9 +119,12 @@ class RunState:
 
     def count_batch(self) -> None:
         "A batch ended (whether it finished or was cancelled); training batches count."
-        if not self.training: return
-        self.train_iter += 1
-        self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
+        if self.training: self.train_iter += 1
+
+    @property
+    def pct_train(self) -> float:
+        "The fraction of the fit's training batches done (0. when its length is unknown), for schedules."
+        return self.train_iter / self.total_steps if self.total_steps else 0.
 
     def end_epoch(self,
                   row: dict,   # The epoch's finished row of the history ({} without a Recorder)
@@ -204,4 +207,3 @@ def load_state_dict(self: RunState,
     self.epoch = state.get('epoch', pos['epoch'] - (pos['phase'] == 'end'))
     self.iter, self.n_iter = state.get('iter', max(pos['iter'] - 1, 0)), state.get('n_iter')
     self.training, self.epoch_done = state.get('training', pos['phase'] == 'train'), pos['phase'] == 'end'
-    self.pct_train = self.train_iter / self.total_steps if self.total_steps else 0.
