@@ -336,6 +336,7 @@ class Recorder(Callback):
     runs_in_lr_find = True
     per_process_state = True       # each process records its own batches' losses
     smooth_beta = 0.98
+    stack_every = 32               # pending losses are stacked into one tensor every this many training batches
     _row_keys = ('epoch', 'train_loss', 'valid_loss', 'time')
 
     def __init__(self,
@@ -370,7 +371,7 @@ class Recorder(Callback):
 
     def _reset_fit(self):
         self._losses: list[float] = []
-        self._pending: list[torch.Tensor] = []   # losses on the device: `_stacked` stacks of 32 first, then single ones
+        self._pending: list[torch.Tensor] = []   # losses on the device: `_stacked` stacks first, then single ones
         self._stacked = 0
         self._meta: list[tuple] = []          # (epoch, batch, step, lr, batch size) of each pending loss
         self.lrs: list[float] = []
@@ -397,7 +398,7 @@ class Recorder(Callback):
             pending.append(state.loss)                # already detached by the learner; stays on the device
             self._meta.append((state.epoch, state.iter, state.train_iter, lr, batch_size_of(state.yb[0])))
             self.lrs.append(lr)
-            if len(pending) - self._stacked >= 32:    # stacked on the device while fresh in the cache (no sync)
+            if len(pending) - self._stacked >= self.stack_every:   # stacked on the device while fresh (no sync)
                 pending[self._stacked:] = [torch.stack(pending[self._stacked:])]; self._stacked += 1
         else:
             self._valid.append(state.loss)
@@ -413,7 +414,7 @@ class Recorder(Callback):
     def flush(self) -> None:
         "Turn the pending losses into floats (one sync) and hand the new training batches to the listeners as rows."
         if not self._pending: return
-        pending, k, meta = self._pending, self._stacked, self._meta      # the stacks of 32, then the newest single losses
+        pending, k, meta = self._pending, self._stacked, self._meta      # the stacks, then the newest single losses
         new = torch.cat(pending[:k] + ([torch.stack(pending[k:])] if len(pending) > k else [])).float().tolist()  # sync point
         self._pending, self._stacked, self._meta = [], 0, []
         self._losses.extend(new); self._sizes.extend(m[4] for m in meta)
