@@ -414,9 +414,8 @@ class Recorder(Callback):
     def flush(self) -> None:
         "Turn the pending losses into floats (one sync) and hand the new training batches to the listeners as rows."
         if not self._pending: return
-        pending, k, meta = self._pending, self._stacked, self._meta      # the stacks, then the newest single losses
-        new = torch.cat(pending[:k] + ([torch.stack(pending[k:])] if len(pending) > k else [])).float().tolist()  # sync point
-        self._pending, self._stacked, self._meta = [], 0, []
+        meta, new = self._meta, torch.cat([p.reshape(-1) for p in self._pending]).float().tolist()  # sync point
+        self._pending, self._stacked, self._meta = [], 0, []       # (stacks of `stack_every`, then single losses)
         self._losses.extend(new); self._sizes.extend(m[4] for m in meta)
         if not self.listeners: return
         rows = [(e, i, s, loss, lr) for (e, i, s, lr, _), loss in zip(meta, new)]
@@ -436,7 +435,8 @@ class Recorder(Callback):
     @property
     def smooth_loss(self) -> float:
         "The latest smoothed training loss (nan before the first batch)."
-        return self._smooth()[-1] if self._losses or self._pending else math.nan
+        smoothed = self._smooth()
+        return smoothed[-1] if smoothed else math.nan
 
     def _smooth(self) -> list[float]:
         "The smoothed curve, extended over the losses flushed since it was last read (no work while nobody reads it)."
