@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import random
 import warnings
 from collections.abc import Iterable, Iterator
@@ -255,15 +256,16 @@ def epoch(self: EpochPlan,
     happen now); an epoch that yields nothing from its start raises `EmptyDataError`."""
     if not self._loaded: self.plan_epoch()
     self._loaded = False
-    return self._numbered(self.iterate(start), start)
+    return itertools.chain.from_iterable(self._numbered(self.iterate(start), start))
 
 @patch
-def _numbered(self: EpochPlan, batches: Iterator, start: int) -> Iterator[tuple[int, Any]]:
+def _numbered(self: EpochPlan, batches: Iterator, start: int) -> Iterator[Iterable]:
+    "The numbered batches as two iterables, the first batch and the rest (chained in C: no Python runs per batch)."
     numbered = enumerate(batches, start)
-    for first in numbered:              # the epoch has batches; the others pass straight through, with no work here
+    for first in numbered:              # the epoch has batches: the first one, then all the others straight through
         self.passes += 1
-        yield first
-        yield from numbered
+        yield (first,)
+        yield numbered
         return
     if start == 0 and not (self.order and not self.pad):   # validation split across more processes than batches
         again = (f' It yielded batches {"in an earlier epoch" if self.pad else "before"}, so it is not re-iterable: '

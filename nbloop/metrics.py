@@ -396,7 +396,9 @@ class Recorder(Callback):
         if state.training:
             pending, lr = self._pending, learn.opt.param_groups[0]['lr']
             pending.append(state.loss)                # already detached by the learner; stays on the device
-            self._meta.append((state.epoch, state.iter, state.train_iter, lr, batch_size_of(state.yb[0])))
+            targ = state.yb[0]                        # its size: `batch_size_of`, written out for a tensor
+            size = targ.shape[0] if isinstance(targ, torch.Tensor) and targ.ndim else batch_size_of(targ)
+            self._meta.append((state.epoch, state.iter, state.train_iter, lr, size))
             self.lrs.append(lr)
             if len(pending) - self._stacked >= self.stack_every:   # stacked on the device while fresh (no sync)
                 pending[self._stacked:] = [torch.stack(pending[self._stacked:])]; self._stacked += 1

@@ -572,7 +572,9 @@ class DistributedRuntime(Runtime):
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
-    vote_interval = 0.025    # seconds of training between two stop votes (their period adapts to the batch time)
+    vote_interval = 0.25     # seconds of training between two stop votes (their period adapts to the batch time):
+                             # a signal stops every process within about half a second; each vote wakes the CPU
+                             # group's threads in every process, which on a busy machine costs its batches time
     max_period = 1000        # batches
 
 # %% ../nbs/05_runtime.ipynb #bf6283a4
