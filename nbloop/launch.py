@@ -8,9 +8,11 @@ from __future__ import annotations
 import atexit
 import datetime
 import gc
+import io
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import socket
 import time
@@ -71,7 +73,8 @@ def init_distributed(backend: str | None = None,  # 'nccl', 'gloo', ...; None: N
     return True
 
 # %% ../nbs/04_launch.ipynb #5e9d9238
-def destroy_distributed() -> None:
+def destroy_distributed(settle: bool = True,   # Give gloo's threads a moment (False: the process ends with os._exit)
+                        ) -> None:
     """Leave the process group (if any) and forget its CPU group. Then give gloo's worker threads a moment: one
     still releasing the tensors of a finished collective needs the GIL, and a thread that asks for it while the
     interpreter finalizes aborts the whole process (SIGABRT, "terminate called without an active exception")."""
@@ -79,7 +82,7 @@ def destroy_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         gc.collect()
-        time.sleep(0.2)
+        if settle: time.sleep(0.2)
 
 # %% ../nbs/04_launch.ipynb #bac6580a
 def side_group():
@@ -125,13 +128,29 @@ def _launched(fn: Callable, args: tuple, kwargs: dict, env: dict, conn) -> None:
     except BaseException as e:
         code = 1
         message = ('error', ''.join(traceback.format_exception(type(e), e, e.__traceback__)))
-    try: conn.send(message)
+    try: payload = _by_value(message)
     except Exception as e:   # an unpicklable result
         code = 1
-        conn.send(('error', f'{fn.__name__} returned a value that cannot be sent back to launch: {type(e).__name__}: {e}'))
+        payload = _by_value(('error', f'{fn.__name__} returned a value that cannot be sent back to launch: '
+                                      f'{type(e).__name__}: {e}'))
+    conn.send_bytes(payload)         # whole before this process goes on: nothing in it refers back to this process
     conn.close()
-    destroy_distributed()
+    destroy_distributed(settle=False)    # (os._exit next: no interpreter shutdown for gloo's threads to trip on)
     os._exit(code)
+
+class _ByValue(pickle.Pickler):
+    "A pickler that copies tensors into the bytes, on the CPU (not a handle to shared memory, as multiprocessing's)."
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor) and obj.device.type != 'cpu':
+            return obj.cpu().__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        return NotImplemented
+
+def _by_value(obj: Any) -> bytes:
+    """`obj` pickled by value: tensors' data in the bytes (moved to the CPU), so that what rank 0 returns outlives
+    the process that returned it and does not start CUDA in the notebook's process."""
+    out = io.BytesIO()
+    _ByValue(out, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return out.getvalue()
 
 def launch(fn: Callable,                   # The function each process runs (create model, data and Learner inside it)
            nprocs: int = 2,                # How many processes (ranks) to start, >= 1
@@ -176,7 +195,7 @@ def _collect(procs: list, conns: list, timeout: float | None) -> Any:
             ready = multiprocessing.connection.wait([c for r, c in enumerate(conns) if r not in results], timeout=0.2)
             for c in ready:
                 r = conns.index(c)
-                try: results[r] = c.recv()
+                try: results[r] = pickle.loads(c.recv_bytes())     # (from this launch's own processes)
                 except EOFError: results[r] = ('error', f'rank {r} exited with code {procs[r].exitcode} before reporting')
             for r, p in enumerate(procs):
                 if r not in results and p.exitcode is not None and not conns[r].poll():
