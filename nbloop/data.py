@@ -16,12 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, TensorDataset, get_worker_info
+from torch.utils.data.distributed import DistributedSampler
 
 from .core import describe, expect, is_index, patch
 
 # %% auto #0
 __all__ = ['digits_arrays', 'load_digits', 'is_replayable', 'BatchError', 'split_batch', 'EmptyDataError', 'check_dataloader',
-           'empty_message', 'EpochPlan', 'check_plan_state', 'epoch_plans', 'batches_per_epoch', 'data_generators']
+           'empty_message', 'EpochPlan', 'check_plan_state', 'epoch_plans', 'check_same_data', 'batches_per_epoch',
+           'data_generators']
 
 # %% ../nbs/02_data.ipynb #e725b9b5
 def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +125,13 @@ def check_dataloader(dl: Any,   # What was given as a dataloader
         raise TypeError(f'{name} is a one-shot iterator ({type(dl).__name__}): it can be iterated only once, but '
                         f'every epoch iterates it again. Pass something re-iterable: a DataLoader, a list of batches, '
                         f'or an object whose __iter__ returns a new iterator each time.')
+    samplers = (getattr(dl, 'sampler', None), getattr(getattr(dl, 'batch_sampler', None), 'sampler', None))
+    if any(isinstance(s, DistributedSampler) for s in samplers):
+        raise ValueError(f'{name} has a DistributedSampler, but nbloop splits the data between processes itself: with '
+                         f'both, each process would train on a share of a share, in the same order every epoch. '
+                         f'Pass the DataLoader without it, e.g. DataLoader(dataset, batch_size=..., shuffle=True): under '
+                         f'torchrun or launch each process then takes its own share of every epoch, in a new order '
+                         f'each epoch.')
 
 # %% ../nbs/02_data.ipynb #083d046e
 def empty_message(dl: Any,   # The dataloader that yielded no batches
@@ -440,7 +449,34 @@ def epoch_plans(train_dl: Iterable,        # The training batches
     train.check_not_empty()
     valid = None if valid_dl is None else EpochPlan(valid_dl, 'valid_dl', runtime, pad=False)
     if valid is not None: valid.check_not_empty(' Pass valid_dl=None to train without validation.')
+    if train.world_size > 1: check_same_data([train, valid], runtime)
     return train, valid
+
+def _extent(plan: EpochPlan | None, training: bool) -> tuple | None:
+    "What every process must agree on: the samples of a dataset that is split, the batches of training data that is not."
+    if plan is None: return None
+    if plan.replayable: return ('samples', len(plan.dl.dataset))
+    return ('batches', plan.length()) if training else None   # validation may differ: it has no per-batch vote
+
+def check_same_data(plans: list,   # The fit's training and validation plans (None: no validation)
+                    runtime: Any,  # `learn.runtime`: its `gather` collects every process's lengths
+                    ) -> None:
+    """With several processes, raise `ValueError` in all of them at the fit's start when their data differ: a
+    dataset that nbloop splits must have the same length everywhere, and training data that each process iterates
+    as it is must have as many batches everywhere (or the processes would wait on each other forever)."""
+    every = runtime.gather([_extent(p, k == 0) for k, p in enumerate(plans)])
+    for k, plan in enumerate(plans):
+        seen = [e[k] for e in every]
+        if plan is None or len(set(seen)) == 1 or any(s is None or s[1] is None for s in seen): continue
+        counts = ', '.join(f'{s[1]}{" " + s[0] if r == 0 else ""} in process {r}' for r, s in enumerate(seen))
+        if seen[0][0] == 'samples':
+            raise ValueError(f"{plan.name}'s dataset has a different length in each process ({counts}): nbloop "
+                             f"splits one dataset between the processes, so give every process the same, whole "
+                             f"dataset. To load a shard per process yourself, pass each one a list (or an "
+                             f"IterableDataset's DataLoader) of its own batches, as many in every process.")
+        raise ValueError(f'{plan.name} yields a different number of batches per epoch in each process ({counts}): '
+                         f'it is not a DataLoader over a map-style dataset, so each process iterates its own as it is, '
+                         f'and they must all have as many training batches, or they wait on each other forever.')
 
 # %% ../nbs/02_data.ipynb #b83d0c61
 def batches_per_epoch(dl: Iterable,       # The training batches

@@ -1,0 +1,102 @@
+"""The attack suite, part 4: several processes (issue 16), each case run through `launch` in a process of its own.
+
+Every case is a short script run with a time limit (a hang fails the test; it never waits on luck), its whole
+process group killed on the way out. The cases are those of the second reliability review that concern `launch`
+and the data of several processes: what rank 0 returns comes back whatever it holds, a DataLoader that already
+has a DistributedSampler is refused, and processes given different data fail at the fit's start, all of them,
+with a message that names the lengths.
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from conftest import ROOT, env_for_subprocess
+from nbloop.all import Learner
+
+
+def run_script(code: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    "Run `code` (dedented) with this repo's nbloop in a new session; kill the whole session when done or too slow."
+    p = subprocess.Popen([sys.executable, '-c', textwrap.dedent(code)], cwd=ROOT, env=env_for_subprocess(),
+                         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try: out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f'the script did not finish in {timeout} s (a hang):\n{out}\n{err}')
+    finally:
+        try: os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def test_launch_returns_tensors_every_time():
+    "A tensor, a state_dict and predictions come back from rank 0 by value, five times in a row (not by timing)."
+    p = run_script('''
+        import torch
+        from nbloop.launch import launch
+        def results():
+            torch.manual_seed(0)
+            model = torch.nn.Linear(3, 2)
+            return torch.arange(6.), model.state_dict(), model(torch.ones(4, 3)).detach()
+        torch.manual_seed(0); ref = torch.nn.Linear(3, 2)
+        for _ in range(5):
+            t, sd, preds = launch(results, 2, timeout=60)
+            assert torch.equal(t, torch.arange(6.)), t
+            assert all(torch.equal(sd[k], v) for k, v in ref.state_dict().items())
+            assert torch.equal(preds, ref(torch.ones(4, 3)).detach())
+        assert torch.equal(launch(torch.zeros, 2, 3, timeout=60), torch.zeros(3))
+        print('ALL OK')
+    ''')
+    assert p.returncode == 0 and 'ALL OK' in p.stdout, p.stderr[-3000:]
+
+
+@pytest.mark.parametrize('where', ['sampler', 'batch_sampler'])
+def test_a_dataloader_with_a_distributed_sampler_is_refused(where):
+    "nbloop splits the data itself: a DistributedSampler too would train each process on a share of a share."
+    ds = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    sampler = DistributedSampler(ds, num_replicas=2, rank=0)
+    dl = (DataLoader(ds, batch_size=8, sampler=sampler) if where == 'sampler'
+          else DataLoader(ds, batch_sampler=BatchSampler(sampler, 8, False)))
+    with pytest.raises(ValueError, match='train_dl has a DistributedSampler.*Pass the DataLoader without it'):
+        Learner(torch.nn.Linear(4, 2), dl, device='cpu')
+
+
+DIFFERENT_DATA = '''
+    import os, torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from nbloop.all import Learner
+    from nbloop.launch import launch, LaunchError
+    def fit(n0, n1, lists):
+        import torch.nn.functional as F
+        torch.manual_seed(0)
+        n = n0 if os.environ['RANK'] == '0' else n1
+        x, y = torch.randn(n, 4), torch.randint(0, 2, (n,))
+        train = ([(x[i:i + 8], y[i:i + 8]) for i in range(0, n, 8)] if lists
+                 else DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True))
+        Learner(torch.nn.Linear(4, 2), train, device='cpu', cbs=[], path=os.environ['OUT']).fit(1)
+    try: launch(fit, 2, *ARGS, timeout=120)
+    except LaunchError as e: print('REFUSED', str(e).splitlines()[-1])
+    else: print('TRAINED')
+'''
+
+
+@pytest.mark.parametrize('n0, n1, lists, message', [
+    (64, 40, False, "train_dl's dataset has a different length in each process (64 samples in process 0, 40 in process 1)"),
+    (40, 64, False, "train_dl's dataset has a different length in each process (40 samples in process 0, 64 in process 1)"),
+    (48, 32, True, 'train_dl yields a different number of batches per epoch in each process (6 batches in process 0, 4 in process 1)'),
+])
+def test_processes_with_different_data_fail_at_the_start(tmp_path, n0, n1, lists, message):
+    """A shard per process of a map-style dataset (rank 1's smaller: an IndexError before; larger: 12 of its 40
+    samples trained, silently), or lists of 6 and 4 batches (a hang before): every process stops at the fit's
+    start with the lengths named."""
+    code = textwrap.dedent(DIFFERENT_DATA).replace('ARGS', repr((n0, n1, lists)))
+    p = run_script(f"import os; os.environ['OUT'] = {str(tmp_path)!r}\n" + code, timeout=150)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert 'REFUSED' in p.stdout and message in p.stdout, p.stdout + p.stderr[-3000:]
