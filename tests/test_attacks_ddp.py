@@ -6,8 +6,6 @@ and the data of several processes: what rank 0 returns comes back whatever it ho
 has a DistributedSampler is refused, and processes given different data fail at the fit's start, all of them,
 with a message that names the lengths.
 """
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,23 +15,13 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from conftest import ROOT, env_for_subprocess
+from conftest import run
 from nbloop.all import Learner
 
 
 def run_script(code: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    "Run `code` (dedented) with this repo's nbloop in a new session; kill the whole session when done or too slow."
-    p = subprocess.Popen([sys.executable, '-c', textwrap.dedent(code)], cwd=ROOT, env=env_for_subprocess(),
-                         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try: out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        raise AssertionError(f'the script did not finish in {timeout} s (a hang):\n{out}\n{err}')
-    finally:
-        try: os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError: pass
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    "Run `code` (dedented) with this repo's nbloop, in a session of its own that is killed when done or too slow."
+    return run([sys.executable, '-c', textwrap.dedent(code)], timeout)
 
 
 def test_launch_returns_tensors_every_time():

@@ -18,27 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, env_for_subprocess
+from conftest import ROOT, env_for_subprocess, run
 from nbloop.ckpt_format import list_checkpoints, load_state
 
 JOB = ROOT / 'tests' / 'ddp_job.py'
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run']
 STEPS_PER_EPOCH = 96 // 2 // 8        # the default job: 96 samples, 2 processes, batches of 8
-
-
-def run(cmd: list, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
-    "Run `cmd` in its own session; on timeout kill the whole session (torchrun and its workers)."
-    p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or env_for_subprocess(), start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try: out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        raise AssertionError(f'{cmd} did not finish in {timeout} s:\n{out}\n{err}')
-    finally:
-        try: os.killpg(p.pid, signal.SIGKILL)      # nothing of the run may outlive it
-        except ProcessLookupError: pass
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def torchrun(root: Path, *args, nproc: int = 2, extra=(), timeout: float = 180) -> subprocess.CompletedProcess:
