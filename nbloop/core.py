@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
+import numbers
 import operator
 import os
 import random
@@ -26,8 +28,8 @@ __all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'FOREIGN_HOOKS', 'Event', '
            'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback', 'handlers_of', 'build_dispatch',
            'check_resume', 'stateful', 'check_callback_states', 'patch', 'forward_to', 'CallbackHost', 'fire_all',
            'default_device', 'to_device', 'describe', 'FitError', 'ModelError', 'call_model', 'LossError',
-           'compute_loss', 'check_trainable', 'check_state', 'short', 'is_index', 'expect', 'get_rng_state',
-           'set_rng_state', 'check_rng_state', 'DebiasedEMA', 'new_figure', 'unwrap_model']
+           'compute_loss', 'check_trainable', 'check_state', 'short', 'is_index', 'expect', 'check_number',
+           'get_rng_state', 'set_rng_state', 'check_rng_state', 'DebiasedEMA', 'new_figure', 'unwrap_model']
 
 # %% ../nbs/00_core.ipynb #8cbfe84a
 class Event(str, Enum):
@@ -545,6 +547,15 @@ def expect(ok: bool,       # Whether the value is right
            ) -> None:
     "Raise `ValueError('<where> should be <expected>, found <found>')` unless `ok`: how states are checked piece by piece."
     if not ok: raise ValueError(f'{where} should be {expected}, found {short(found)}')
+
+# %% ../nbs/00_core.ipynb #870d2305
+def check_number(x: Any,               # The value given
+                 name: str,            # The argument's name, for the message
+                 positive: bool = True,  # Whether it must also be > 0
+                 ) -> None:
+    "Raise `ValueError` unless `x` is a finite real number (not a bool), and > 0 when `positive`."
+    ok = isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+    if not ok: raise ValueError(f'{name} must be a {"positive " if positive else ""}number (not inf or nan), got {x!r}')
 
 # %% ../nbs/00_core.ipynb #b1adc27d
 def get_rng_state(generators: Iterable[torch.Generator] | None = None,   # Other generators too (a data pipeline's)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .core import (CancelBatchException, CancelEpochException, CancelFitException, CancelTrainException,
                    CancelValidateException, Callback, CallbackHost, FitError, LossError, ModelError, call_model,
-                   check_callback_states, check_rng_state, compute_loss, describe, expect, forward_to, get_rng_state,
+                   check_callback_states, check_number, check_rng_state, compute_loss, describe, expect, forward_to, get_rng_state,
                    patch, set_rng_state, stateful, unwrap_model)
 from .state import RunState, RunStateView
 from .data import (BatchError, EmptyDataError, EpochPlan, batches_per_epoch, check_dataloader, check_plan_state,
@@ -57,7 +57,7 @@ class Learner(CallbackHost, RunStateView):
         for name, dl in (('train_dl', train_dl), ('valid_dl', valid_dl)):
             if dl is not None: check_dataloader(dl, name)
         if not callable(loss_func): raise TypeError(f'loss_func must be callable, like F.cross_entropy; got {loss_func!r}')
-        if not (isinstance(lr, (int, float)) and lr > 0): raise ValueError(f'lr must be a positive number, got {lr!r}')
+        check_number(lr, 'lr')
         self.runtime, self.state, self.recorder = make_runtime(device), RunState(), Recorder(metrics)
         super().__init__([self.recorder, ProgressCallback(), *cbs], self.runtime.runs_here)
         # what the callbacks ask of the runtime (precision, ...) is known before the model is wrapped
@@ -204,7 +204,7 @@ def set_lr(self: Learner,
            resume: Any = None,  # `fit`'s resume: when set, the checkpoint's rate wins, and a warning says so
            ) -> None:
     "Set the learning rate of the first parameter group to `lr`; other groups keep their ratio to it."
-    if not (isinstance(lr, (int, float)) and lr > 0): raise ValueError(f'lr must be a positive number, got {lr!r}')
+    check_number(lr, 'lr')
     groups = self.opt.param_groups
     ratios = [g['lr'] / groups[0]['lr'] if groups[0]['lr'] else 1. for g in groups]
     for g, r in zip(groups, ratios): g['lr'] = lr * r

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import CancelFitException, CancelValidateException, Callback, DebiasedEMA, check_state, new_figure
+from .core import CancelFitException, CancelValidateException, Callback, DebiasedEMA, check_number, check_state, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -224,6 +224,7 @@ def one_cycle_schedules(total_steps: int,          # Training steps of the whole
                         moms: tuple[float, float, float] = (0.95, 0.85, 0.95),  # Momentum (or beta1): start, peak, end
                         ) -> tuple[Schedule, Schedule]:
     "The learning-rate and momentum schedules of a one-cycle run of `total_steps` steps."
+    for value, name in ((lr_max, 'lr_max'), (div, 'div'), (div_final, 'div_final')): check_number(value, name)
     if not 0 <= pct_start < 1: raise ScheduleError(f'pct_start must be in [0, 1), got {pct_start}')
     warm = int(round(pct_start * (total_steps - 1)))
     lr = make_schedule([ScheduleSegment(cosine, start=lr_max / div, end=lr_max, steps=warm),

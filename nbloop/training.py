@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from .core import CancelFitException, Callback, check_state, unwrap_model
+from .core import CancelFitException, Callback, check_number, check_state, unwrap_model
 from .learner import Learner
 
 # %% auto #0
@@ -25,6 +25,7 @@ class MonitorCallback(Callback):
                  ):
         if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if not isinstance(monitor, str): raise TypeError(f'monitor must be the name of a history column, got {monitor!r}')
+        check_number(min_delta, 'min_delta', positive=False)
         self.monitor, self.mode, self.min_delta = monitor, mode, abs(min_delta)
         self.best, self.best_epoch = None, None
 
@@ -78,7 +79,7 @@ class GradientAccumulation(Callback):
     def __init__(self,
                  n_batches: int,  # Training batches per optimizer step, a whole number >= 1
                  ):
-        if not isinstance(n_batches, int) or n_batches < 1:
+        if not isinstance(n_batches, int) or isinstance(n_batches, bool) or n_batches < 1:
             raise ValueError(f'n_batches must be a whole number >= 1, got {n_batches!r}')
         self.n_batches = n_batches
 
@@ -97,7 +98,8 @@ class GradientClip(Callback):
                  max_norm: float,         # The largest global gradient norm a step may see; > 0
                  norm_type: float = 2.0,  # The norm's order, as `clip_grad_norm_` takes it (2.0: Euclidean)
                  ):
-        if max_norm <= 0: raise ValueError(f'max_norm must be positive, got {max_norm}')
+        check_number(max_norm, 'max_norm')
+        if norm_type != float('inf'): check_number(norm_type, 'norm_type')      # (inf: the largest absolute value)
         self.max_norm, self.norm_type = max_norm, norm_type
 
     def runtime_settings(self,
