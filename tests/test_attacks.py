@@ -404,3 +404,20 @@ def test_sigkill_after_an_epoch_end_checkpoint_resumes_exactly(tmp_path):
             if p.poll() is None: os.killpg(p.pid, signal.SIGKILL); p.wait()
     a, b = torch.load(tmp_path / 'ref.pt'), torch.load(tmp_path / 'run.pt')
     for k in a: assert torch.equal(a[k], b[k]), k
+
+
+# -- issue 16: numeric arguments are checked where they are given ----------------------------------------------------
+@pytest.mark.parametrize('make, name', [
+    (lambda: synth_learner(lr=float('inf')), 'lr'),
+    (lambda: synth_learner().fit(1, lr=float('nan')), 'lr'),
+    (lambda: synth_learner().fit_one_cycle(1, float('nan')), 'lr_max'),
+    (lambda: synth_learner().fit_one_cycle(1, float('inf')), 'lr_max'),
+    (lambda: synth_learner().fit_one_cycle(1, -1e-3), 'lr_max'),
+    (lambda: synth_learner().fit_one_cycle(1, 1e-2, div=0), 'div'),
+    (lambda: GradientClip(float('nan')), 'max_norm'),
+    (lambda: EarlyStopping(min_delta=float('nan')), 'min_delta'),
+    (lambda: GradientAccumulation(True), 'n_batches'),
+])
+def test_bad_numbers_are_refused_where_given(make, name):
+    "inf, nan, negatives, zero divisors and bools: a ValueError that names the argument, before anything trains."
+    with pytest.raises(ValueError, match=f'^{name} must be'): make()
