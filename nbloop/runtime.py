@@ -510,11 +510,13 @@ class DistributedRuntime(Runtime):
                       compile: bool = False,   # Compile it (after wrapping) with `torch.compile`
                       **settings,              # The settings the learner's callbacks ask for (see `configure`)
                       ) -> torch.nn.Module:
-        "On the device, wrapped in DistributedDataParallel (when it has something to train), then compiled if asked."
+        """On the device, wrapped in DistributedDataParallel (when it has something to train; a model already in one is
+        used as it is: wrapped again, its gradients would be all-reduced twice), then compiled if asked."""
         model = model.to(self.device)
-        if self.world_size > 1 and any(p.requires_grad for p in model.parameters()):
+        ddp = torch.nn.parallel.DistributedDataParallel
+        if self.world_size > 1 and not isinstance(model, ddp) and any(p.requires_grad for p in model.parameters()):
             ids = [self.device.index] if self.device.type == 'cuda' else None
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            model = ddp(model, device_ids=ids)
         self.model = torch.compile(model) if compile else model
         return self.model
 

@@ -88,3 +88,29 @@ def test_processes_with_different_data_fail_at_the_start(tmp_path, n0, n1, lists
     p = run_script(f"import os; os.environ['OUT'] = {str(tmp_path)!r}\n" + code, timeout=150)
     assert p.returncode == 0, p.stderr[-3000:]
     assert 'REFUSED' in p.stdout and message in p.stdout, p.stdout + p.stderr[-3000:]
+
+
+def test_a_model_already_in_ddp_is_used_as_it_is(tmp_path):
+    "A model the user wrapped in DistributedDataParallel is not wrapped again, and trains as the plain model does."
+    p = run_script(f'''
+        import torch
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        from torch.utils.data import DataLoader, TensorDataset
+        from nbloop.all import Learner
+        from nbloop.launch import init_distributed, launch
+        def fit(wrap):
+            init_distributed('gloo')
+            torch.manual_seed(0)
+            x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+            model = torch.nn.Linear(4, 2)
+            learn = Learner(DDP(model) if wrap else model, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True),
+                            device='cpu', cbs=[], path={str(tmp_path)!r})
+            learn.fit(2)
+            return type(learn.model.module).__name__, model.state_dict()
+        inner, wrapped = launch(fit, 2, True, timeout=120)
+        _, plain = launch(fit, 2, False, timeout=120)
+        assert inner == 'Linear', inner
+        assert all(torch.equal(wrapped[k], plain[k]) for k in plain), (wrapped, plain)
+        print('ALL OK')
+    ''')
+    assert p.returncode == 0 and 'ALL OK' in p.stdout, p.stdout + p.stderr[-3000:]
