@@ -15,6 +15,7 @@ import os
 import pickle
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -184,10 +185,17 @@ def launch(fn: Callable,                   # The function each process runs (cre
     return _collect(procs, conns, timeout)
 
 # %% ../nbs/04_launch.ipynb #41d52f60
+class _Terminated(BaseException):
+    "SIGTERM reached the process that called `launch`."
+
+def _on_sigterm(signum, frame): raise _Terminated()
+
 def _collect(procs: list, conns: list, timeout: float | None) -> Any:
     "Wait for every process's message; stop all as soon as one fails, is interrupted or the time is up."
     results, failure = {}, None
     deadline = None if timeout is None else time.monotonic() + timeout
+    on_main = threading.current_thread() is threading.main_thread()     # (signal handlers live there only)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
     try:
         while len(results) < len(procs) and failure is None:
             if deadline is not None and time.monotonic() > deadline:
@@ -202,12 +210,18 @@ def _collect(procs: list, conns: list, timeout: float | None) -> Any:
                     results[r] = ('error', f'rank {r} died with exit code {p.exitcode} '
                                            f'({_signal_name(p.exitcode)}) before reporting')
             failure = next(((r, m[1]) for r, m in sorted(results.items()) if m[0] != 'ok'), None)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as stop:    # pass the signal on; each process saves and exits
+        sig = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
         for p in procs:
-            if p.is_alive(): os.kill(p.pid, signal.SIGINT)
+            if p.is_alive(): os.kill(p.pid, sig)
         _join(procs, 120)
-        raise
+        if sig == signal.SIGINT: raise
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        on_main = False
+        signal.raise_signal(signal.SIGTERM)     # then the signal ends this process as it would have
+        raise SystemExit(128 + signal.SIGTERM) from None   # (a handler that returned)
     finally:
+        if on_main: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         _join(procs, 0 if failure is None else 5)
         for c in conns: c.close()
     if failure is not None:

@@ -285,9 +285,12 @@ def test_lr_find_under_ddp(tmp_path):
     assert all(torch.equal(w, out['weights_by_rank'][0]) for w in out['weights_by_rank'])
 
 
-def test_ctrl_c_on_launch_stops_every_process(tmp_path):
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_ctrl_c_on_launch_stops_every_process(tmp_path, sig):
     """SIGINT to the process that called launch (a notebook's stop button): it passes one SIGINT to each process;
-    they stop at one batch boundary, write the interrupt checkpoint and exit, and launch raises KeyboardInterrupt."""
+    they stop at one batch boundary, write the interrupt checkpoint and exit, and launch raises KeyboardInterrupt.
+    SIGTERM (kill PID, docker stop) is passed on the same way, and then ends the caller (exit -15): before, the
+    caller died at once and the processes with it, without a checkpoint."""
     cmd = [sys.executable, ROOT / 'tests' / 'ddp_launch.py', '--root', tmp_path / 'run', '--epochs', '200',
            '--trace', tmp_path / 't']
     p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env_for_subprocess(), start_new_session=True,
@@ -297,13 +300,14 @@ def test_ctrl_c_on_launch_stops_every_process(tmp_path):
         while not (tmp_path / 't' / 'trace-rank1').exists() or len((tmp_path / 't' / 'trace-rank1').read_text().splitlines()) < 8:
             assert time.monotonic() < deadline and p.poll() is None, 'the launched processes did not start training'
             time.sleep(0.2)
-        os.kill(p.pid, signal.SIGINT)
+        os.kill(p.pid, sig)
         out, err = p.communicate(timeout=120)
     finally:
         try: os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError: pass
-    assert p.returncode != 0 and 'KeyboardInterrupt' in err, err[-3000:]
-    stops = [line for line in err.splitlines() if 'SIGINT received; saved checkpoint' in line]
+    if sig == signal.SIGINT: assert p.returncode != 0 and 'KeyboardInterrupt' in err, err[-3000:]
+    else: assert p.returncode == -signal.SIGTERM, (p.returncode, err[-3000:])
+    stops = [line for line in err.splitlines() if f'{sig.name} received; saved checkpoint' in line]
     assert len(stops) == 1, err[-3000:]                     # rank 0 wrote it, once
     newest = list_checkpoints(tmp_path / 'run' / 'checkpoints')[-1]
     assert len(load_state(newest)['ranks']) == 2
