@@ -616,7 +616,8 @@ class CheckpointFile(NamedTuple):
 # %% ../nbs/03_ckpt_format.ipynb #beb955e7
 def scan_checkpoints(folder: str | Path,  # The folder to scan; a missing folder gives []
                      ) -> list[CheckpointFile]:
-    "Every entry of `folder` named like a checkpoint, oldest written first; headers are read and checked, tensors are not."
+    """Every entry of `folder` named like a checkpoint, oldest first: runs by their newest write, each run's files by
+    its progress (step, then phase). Headers are read and checked, tensors are not."""
     folder, found = Path(folder), []
     if not folder.is_dir(): return found
     for p in folder.iterdir():
@@ -636,14 +637,16 @@ def scan_checkpoints(folder: str | Path,  # The folder to scan; a missing folder
         if written is None:
             try: written = p.lstat().st_mtime_ns
             except OSError: written = 0
-        found.append((written, step, rank, p.name, CheckpointFile(p, m and m[2], written, problem)))
-    return [f for *_, f in sorted(found)]
+        found.append((step, rank, written, p.name, CheckpointFile(p, m and m[2], written, problem)))
+    newest = {}                                          # each run's newest write: what orders the runs
+    for *_, f in found: newest[f.run] = max(newest.get(f.run, 0), f.written)
+    return [e[-1] for e in sorted(found, key=lambda e: (newest[e[-1].run], e[-1].run or '', *e[:4]))]
 
 # %% ../nbs/03_ckpt_format.ipynb #d1da6004
 def list_checkpoints(folder: str | Path,      # The folder to list; a missing folder gives []
                      run: str | None = None,  # A run's id: that run's checkpoints only; None: every run's
                      ) -> list[Path]:
-    "The checkpoint files in `folder` (of run `run` only, if given), oldest written first."
+    "The checkpoint files in `folder` (of run `run` only, if given), in the order of `scan_checkpoints`."
     return [f.path for f in scan_checkpoints(folder)
             if _NAME.match(f.path.name) and f.path.is_file() and (run is None or f.run == run)]
 
@@ -666,17 +669,25 @@ def read_training_state(path: str | Path,                 # A checkpoint file wr
 def find_checkpoint(folder: str | Path,               # Where 'last' looks (the CheckpointCallback's folder)
                     resume: str | os.PathLike,        # 'last' (the newest that verifies), or a checkpoint's path
                     read: Callable[[Path], dict],     # Reads and checks one file (see `read_training_state`)
+                    run: str | None = None,           # The learner's own run: 'last' takes its checkpoints first
                     ) -> dict | None:
-    """The state to resume from: the file `resume` names, or for 'last' the newest written in `folder` that reads and
-    checks (every other one is skipped with a warning naming it); None, with a warning, when 'last' finds none."""
+    """The state to resume from: the file `resume` names, or for 'last' the newest of `folder` that reads and checks:
+    of the learner's own `run` if it has one there, else of the run written last. Every other file is skipped with a
+    warning naming it; a folder that holds several runs gets a warning saying which one was taken and why. None,
+    with a warning, when 'last' finds nothing."""
     folder = Path(folder)
     if isinstance(resume, str) and resume == 'last':
         files = scan_checkpoints(folder)
         for f in files:
             if f.problem: warnings.warn(f'skipping checkpoint {f.path}: {f.problem}')
-        for f in reversed([f for f in files if f.problem is None]):
-            try: return read(f.path)
-            except (CheckpointError, OSError) as e: warnings.warn(f'skipping checkpoint {f.path}: {e}')
+        good = [f for f in reversed(files) if f.problem is None]           # newest first
+        runs = list(dict.fromkeys(f.run for f in good))
+        for f in sorted(good, key=lambda f: f.run != run):                 # (stable: the own run first)
+            try: state = read(f.path)
+            except (CheckpointError, OSError) as e:
+                warnings.warn(f'skipping checkpoint {f.path}: {e}'); continue
+            if len(runs) > 1: warnings.warn(_which_run(folder, runs, f, run))
+            return state
         warnings.warn(f'no checkpoint to resume in {folder}: starting a fresh fit')
         return None
     path = Path(resume)
@@ -684,3 +695,9 @@ def find_checkpoint(folder: str | Path,               # Where 'last' looks (the 
         raise FileNotFoundError(f"resume={str(resume)!r}: no such file. Pass the path of a checkpoint file, or "
                                 f"resume='last' to take the newest in {folder}")
     return read(path)
+
+def _which_run(folder: Path, runs: list, taken: CheckpointFile, own: str | None) -> str:
+    why = "this learner's own run" if taken.run == own else 'the run written last'
+    return (f"resume='last': {folder} holds checkpoints of {len(runs)} runs ({', '.join(map(str, runs))}); took "
+            f"{taken.path.name}, of {why}. To continue another run, pass its checkpoint's path as resume=...; runs "
+            f"side by side (a sweep) each need a folder of their own (Learner(..., path=...)).")

@@ -369,7 +369,8 @@ def _read_resume(self: Learner, resume: str | Path) -> dict | None:
     cb = next((c for c in self.cbs if hasattr(c, 'checkpoint_folder')), None)
     folder = cb.checkpoint_folder(self) if cb is not None else self.path / 'checkpoints'
     read = lambda path: read_training_state(path, lambda s: self.check_state_dict(s, fits=False))  # damaged: skipped
-    state = self.runtime.own_part(self.runtime.pick(lambda: find_checkpoint(folder, resume, read), read),
+    find = lambda: find_checkpoint(folder, resume, read, getattr(cb, 'run', None))   # 'last': its own run first
+    state = self.runtime.own_part(self.runtime.pick(find, read),
                                   self.state.total_steps)
     if state is None: return None
     self.check_state_dict(state)                   # another model, optimizer or callbacks: refused, not skipped

@@ -9,8 +9,10 @@ promises asserted, never just "it did not crash":
   names the file, no pickle is ever run, and `resume='last'` skips the file with a warning naming it and resumes
   from the next good checkpoint;
 - training states of the wrong structure (a schema check before anything is loaded), the same way;
-- run collisions: runs never rotate each other's files away, `resume='last'` takes the most recently written
-  checkpoint (by the time stored in its header, not by step or file time);
+- run collisions: runs never rotate each other's files away; `resume='last'` takes the learner's own run first,
+  else the run written last (by the time stored in the headers, not by file time), and within a run the furthest
+  checkpoint (by its progress, so a clock set back never makes a run go backwards); it says which run it took
+  when the folder holds several;
 - optimizer mismatches, temporary file names, the checkpoint folder, the `resume` argument, and memory use.
 
 It tries 319 attacks: 86 crafted files read directly and 85 of them again through `resume='last'`, 52 training
@@ -498,6 +500,46 @@ def test_resume_last_orders_by_the_write_time_in_the_header_not_the_file_time(tm
     learn = make(tmp_path / 'c')
     quiet_fit(learn, 1, resume='last')
     assert learn.resumed_from == folder / second.get_cb(CheckpointCallback).last_path.name
+
+
+def test_a_clock_set_back_between_two_parts_of_a_run_never_makes_it_go_backwards(tmp_path, monkeypatch):
+    """The first part of a run writes with a clock an hour ahead, the resumed part with the right time: rotation keeps
+    the run's furthest checkpoints (not the future-dated old ones), and 'last' takes its final one."""
+    real, hour = time.time_ns, 3600 * 10**9
+    monkeypatch.setattr(time, 'time_ns', lambda: real() + hour)
+    with pytest.raises(RuntimeError, match='simulated crash'): quiet_fit(make(tmp_path), 4, cbs=[crash_at(11)])
+    monkeypatch.setattr(time, 'time_ns', real)                             # set back an hour
+    second = make(tmp_path); quiet_fit(second, 4, resume='last')
+    assert base_name(second.resumed_from) == 'ckpt-step000000010-epoch0001-batch4.safetensors'
+    files = list_checkpoints(tmp_path / 'checkpoints', run=second.get_cb(CheckpointCallback).run)
+    assert [base_name(p) for p in files] == ['ckpt-step000000022-epoch0003-batch4.safetensors',
+        'ckpt-step000000024-epoch0003-batch6.safetensors', 'ckpt-step000000024-epoch0003-end.safetensors']
+    third = make(tmp_path); quiet_fit(third, 4, resume='last')
+    assert base_name(third.resumed_from) == 'ckpt-step000000024-epoch0003-end.safetensors'
+    ref = make(tmp_path / 'ref'); quiet_fit(ref, 4)
+    assert same_weights(weights(second), weights(ref))
+
+
+def test_two_runs_in_one_folder_each_resume_their_own(tmp_path):
+    """Two fits side by side with the same path (a sweep), both crash, both resume: each learner continues its own
+    run (before, the one resumed second took the other's final checkpoint and trained nothing), and a new learner
+    is told which run 'last' took and why."""
+    slow = make(tmp_path, lr=0.01)
+    with pytest.raises(RuntimeError): quiet_fit(slow, 2, cbs=[crash_at(5)])
+    fast = make(tmp_path, lr=0.1)
+    with pytest.raises(RuntimeError): quiet_fit(fast, 2, cbs=[crash_at(9)])     # written last
+    messages = quiet_fit(slow, 2, resume='last')
+    assert base_name(slow.resumed_from) == 'ckpt-step000000004-epoch0000-batch4.safetensors'
+    assert any("holds checkpoints of 2 runs" in m and "this learner's own run" in m for m in messages), messages
+    quiet_fit(fast, 2, resume='last')                                           # the slow run's final file is newer
+    assert base_name(fast.resumed_from) == 'ckpt-step000000008-epoch0001-batch2.safetensors'
+    for learn, lr in ((slow, 0.01), (fast, 0.1)):
+        ref = make(tmp_path / f'ref{lr}', lr=lr); quiet_fit(ref, 2)
+        assert same_weights(weights(learn), weights(ref)), lr
+    stranger = make(tmp_path)
+    messages = quiet_fit(stranger, 2, resume='last')
+    assert stranger.resumed_from == fast.get_cb(CheckpointCallback).last_path
+    assert any('of the run written last. To continue another run, pass its' in m for m in messages), messages
 
 
 def test_files_without_a_write_time_are_ordered_by_file_time(tmp_path):
