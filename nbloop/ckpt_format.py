@@ -616,8 +616,7 @@ class CheckpointFile(NamedTuple):
 # %% ../nbs/03_ckpt_format.ipynb #beb955e7
 def scan_checkpoints(folder: str | Path,  # The folder to scan; a missing folder gives []
                      ) -> list[CheckpointFile]:
-    """Every entry of `folder` named like a checkpoint, oldest first: runs by their newest write, each run's files by
-    its progress (step, then phase). Headers are read and checked, tensors are not."""
+    "Entries of `folder` named like checkpoints, the runs by their newest write, each by its progress; headers only read."
     folder, found = Path(folder), []
     if not folder.is_dir(): return found
     for p in folder.iterdir():
@@ -638,8 +637,7 @@ def scan_checkpoints(folder: str | Path,  # The folder to scan; a missing folder
             try: written = p.lstat().st_mtime_ns
             except OSError: written = 0
         found.append((step, rank, written, p.name, CheckpointFile(p, m and m[2], written, problem)))
-    newest = {}                                          # each run's newest write: what orders the runs
-    for *_, f in found: newest[f.run] = max(newest.get(f.run, 0), f.written)
+    newest = {f.run: f.written for *_, f in sorted(found, key=lambda e: e[-1].written)}   # each run's newest write
     return [e[-1] for e in sorted(found, key=lambda e: (newest[e[-1].run], e[-1].run or '', *e[:4]))]
 
 # %% ../nbs/03_ckpt_format.ipynb #d1da6004
@@ -671,10 +669,9 @@ def find_checkpoint(folder: str | Path,               # Where 'last' looks (the 
                     read: Callable[[Path], dict],     # Reads and checks one file (see `read_training_state`)
                     run: str | None = None,           # The learner's own run: 'last' takes its checkpoints first
                     ) -> dict | None:
-    """The state to resume from: the file `resume` names, or for 'last' the newest of `folder` that reads and checks:
-    of the learner's own `run` if it has one there, else of the run written last. Every other file is skipped with a
-    warning naming it; a folder that holds several runs gets a warning saying which one was taken and why. None,
-    with a warning, when 'last' finds nothing."""
+    """The state to resume from: the file `resume` names, or for 'last' the newest of `folder` that reads and checks,
+    of the learner's own `run` if it has files there, else of the run written last (a warning says which, if there
+    are several); bad files are skipped with a warning naming them. None, with a warning, if 'last' finds none."""
     folder = Path(folder)
     if isinstance(resume, str) and resume == 'last':
         files = scan_checkpoints(folder)
@@ -700,4 +697,4 @@ def _which_run(folder: Path, runs: list, taken: CheckpointFile, own: str | None)
     why = "this learner's own run" if taken.run == own else 'the run written last'
     return (f"resume='last': {folder} holds checkpoints of {len(runs)} runs ({', '.join(map(str, runs))}); took "
             f"{taken.path.name}, of {why}. To continue another run, pass its checkpoint's path as resume=...; runs "
-            f"side by side (a sweep) each need a folder of their own (Learner(..., path=...)).")
+            f"side by side (a sweep) each need a path of their own (the learner's path=...).")
