@@ -518,15 +518,16 @@ def check_optimizer_fits(opt: torch.optim.Optimizer,  # The optimizer it would b
                          ) -> None:
     "Raise `CheckpointMismatchError` unless `state` (an optimizer's state_dict from `source`) loads into `opt` and means the same there."
     own = optimizer_class(opt)
-    fix = ('create the learner with the opt_func of the run that wrote it, or load the weights alone '
-           '(learn.load(..., with_opt=False)) to start the optimizer afresh')
+    alone = 'load the weights alone (learn.load(..., with_opt=False)) to start the optimizer afresh'
+    fix = f'create the learner with the opt_func of the run that wrote it, or {alone}'
     if saved_class is not None and saved_class != own:
         raise CheckpointMismatchError(f'{source} holds the state of a {saved_class} optimizer, but this learner has a '
                                       f'{own}; {fix}')
     groups = state['param_groups']
     if len(groups) != len(opt.param_groups):
         raise CheckpointMismatchError(f"{source} holds {len(groups)} optimizer parameter group(s), this learner's "
-                                      f"{own} has {len(opt.param_groups)}; {fix}")
+                                      f"{own} has {len(opt.param_groups)}: give it the run's groups before resuming (a "
+                                      f"group added during the run: add it first), or {alone}")
     for i, (g, mine) in enumerate(zip(groups, opt.param_groups)):
         if len(g['params']) != len(mine['params']):
             raise CheckpointMismatchError(f"{source}: optimizer parameter group {i} has {len(g['params'])} parameters, "
@@ -570,8 +571,7 @@ def check_state_fits(state: dict,                   # A training state whose par
                      callbacks: Iterable[str],      # The names of the callbacks that would load their states
                      source: str,                   # What messages call the state, e.g. its file
                      ) -> None:
-    """Raise `CheckpointMismatchError` unless the state's model, optimizer and gradients fit `model` and `opt`, and
-    every callback state it holds has a callback to load it."""
+    "Raise `CheckpointMismatchError` unless the state's model, optimizer, gradients and callback states fit this fit."
     check_model_fits(model, state['model'], source)
     check_optimizer_fits(opt, state['opt'], state.get('opt_class'), source)
     params = dict(unwrap_model(model).named_parameters())

@@ -827,3 +827,20 @@ def test_step_epoch_and_best_checkpoints_hold_state_as_of_the_end_of_their_event
         assert counted['epochs'] == (state['training']['position']['epoch'] if 'end' in p.name else (counted['batches'] - 1) // 6)
     best = load_state(tmp_path / 'checkpoints' / 'best.safetensors')
     assert best['callbacks']['counter']['epochs'] == best['training']['position']['epoch']
+
+
+def test_a_group_added_during_the_run_is_named_as_the_fix(tmp_path):
+    "The run added a parameter group mid-fit; a new learner without it resumes: the message says to add it first."
+    def one_group(params, lr):
+        params = list(params)
+        opt = torch.optim.AdamW(params[:1], lr=lr)
+        opt.later = params[1:]                                      # what the callback adds after the first epoch
+        return opt
+    class AddGroup(Callback):
+        def after_epoch(self, learn):
+            if learn.epoch == 0: learn.opt.add_param_group({'params': learn.opt.later})
+    src = opt_learner(tmp_path, one_group, cbs=[CheckpointCallback(), AddGroup()]); quiet_fit(src, 2)
+    dst = opt_learner(tmp_path, one_group, cbs=[CheckpointCallback()])
+    with pytest.raises(CheckpointMismatchError, match='holds 2 optimizer parameter group.*has 1: give it the run.s '
+                       'groups before resuming .a group added during the run: add it first.'):
+        quiet_fit(dst, 3, resume='last')
