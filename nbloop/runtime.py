@@ -204,10 +204,16 @@ def fitting(self: Runtime,
         state.fitting, state.stop, state.cancel, self.steps = False, None, None, True
     if interrupted: self.exit_interrupted(state)
 
+_warned_thread: list = []
+
 @patch
 @contextlib.contextmanager
 def _stop_signals(self: Runtime, state) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
+        if not _warned_thread:                          # said once per process
+            _warned_thread.append(True)
+            warnings.warn(f'fit runs on the thread {threading.current_thread().name!r}, not the main thread: Ctrl-C and '
+                          f'SIGTERM reach only the main thread and will not stop it (a callback can: CancelFitException)')
         yield
         return
     def handler(signum, frame):
@@ -574,9 +580,7 @@ class DistributedRuntime(Runtime):
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
-    vote_interval = 0.25     # seconds of training between two stop votes (their period adapts to the batch time):
-                             # a signal stops every process within about half a second; each vote wakes the CPU
-                             # group's threads in every process, which on a busy machine costs its batches time
+    vote_interval = 0.25     # seconds of training between two stop votes (their period adapts to the batch time)
     max_period = 1000        # batches
 
 # %% ../nbs/05_runtime.ipynb #bf6283a4

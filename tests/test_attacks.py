@@ -421,3 +421,20 @@ def test_sigkill_after_an_epoch_end_checkpoint_resumes_exactly(tmp_path):
 def test_bad_numbers_are_refused_where_given(make, name):
     "inf, nan, negatives, zero divisors and bools: a ValueError that names the argument, before anything trains."
     with pytest.raises(ValueError, match=f'^{name} must be'): make()
+
+
+# -- issue 16: a fit on another thread says once that signals will not stop it ----------------------------------------
+def test_a_fit_on_a_background_thread_says_once_that_signals_cannot_stop_it():
+    import threading
+    import nbloop.runtime
+    nbloop.runtime._warned_thread.clear()               # (another test of this process may have been told already)
+    said = []
+    def job():
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            with redirect_stdout(io.StringIO()):
+                for _ in range(2): synth_learner().fit(1)
+        said.extend(str(x.message) for x in w if 'not the main thread' in str(x.message))
+    t = threading.Thread(target=job, name='sweep-worker'); t.start(); t.join(120)
+    assert not t.is_alive()
+    assert len(said) == 1 and "fit runs on the thread 'sweep-worker'" in said[0], said
