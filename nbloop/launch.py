@@ -115,8 +115,10 @@ def _launched(fn: Callable, args: tuple, kwargs: dict, env: dict, conn) -> None:
     os.setpgrp()             # a terminal's Ctrl-C reaches launch, which passes it on once
     _die_with_parent()
     # OpenMP's thread pool does not survive fork: a forked process that runs a parallel region with the pool its
-    # parent used waits forever. One intra-op thread per process, torchrun's default (OMP_NUM_THREADS=1).
+    # parent used waits forever. One intra-op thread per process, torchrun's default (OMP_NUM_THREADS=1), and
+    # asking for more here is an error rather than a hang.
     torch.set_num_threads(1)
+    torch.set_num_threads = _one_thread
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     code = 0
@@ -138,6 +140,17 @@ def _launched(fn: Callable, args: tuple, kwargs: dict, env: dict, conn) -> None:
     conn.close()
     destroy_distributed(settle=False)    # (os._exit next: no interpreter shutdown for gloo's threads to trip on)
     os._exit(code)
+
+_set_num_threads = torch.set_num_threads
+
+def _one_thread(n: int) -> None:
+    "`torch.set_num_threads` in a process `launch` started: 1 is fine, more would hang (OpenMP after fork)."
+    if n != 1:
+        raise RuntimeError(f'torch.set_num_threads({n}) in a process that launch started: launch forks its processes, '
+                           f'and OpenMP\'s thread pool does not survive fork (a forked process that grows it can wait '
+                           f'forever), so each runs one thread. For more threads per process, start the script with '
+                           f'torchrun --nproc_per_node=N, whose processes are not forked.')
+    _set_num_threads(1)
 
 class _ByValue(pickle.Pickler):
     "A pickler that copies tensors into the bytes, on the CPU (not a handle to shared memory, as multiprocessing's)."

@@ -114,3 +114,19 @@ def test_a_model_already_in_ddp_is_used_as_it_is(tmp_path):
         print('ALL OK')
     ''')
     assert p.returncode == 0 and 'ALL OK' in p.stdout, p.stdout + p.stderr[-3000:]
+
+
+def test_more_threads_in_a_launched_process_is_an_error_not_a_hang():
+    "After a parallel op in the caller, torch.set_num_threads(2) in a launched process raised nothing and hung."
+    p = run_script('''
+        import torch
+        from nbloop.launch import launch, LaunchError
+        torch.set_num_threads(2); torch.randn(512, 512) @ torch.randn(512, 512)      # the caller's OpenMP pool is live
+        def more_threads():
+            torch.set_num_threads(2)
+            return (torch.randn(256, 256) @ torch.randn(256, 256)).sum()
+        try: launch(more_threads, 2, timeout=60)
+        except LaunchError as e: print('REFUSED', str(e).splitlines()[-1])
+        else: print('RAN')
+    ''', timeout=120)
+    assert 'REFUSED RuntimeError: torch.set_num_threads(2) in a process that launch started' in p.stdout, p.stdout + p.stderr[-2000:]
