@@ -614,13 +614,14 @@ class CheckpointFile(NamedTuple):
     problem: str | None        # None when its name and header are valid (its data is verified only when loaded)
 
 # %% ../nbs/03_ckpt_format.ipynb #beb955e7
-def scan_checkpoints(folder: str | Path,  # The folder to scan; a missing folder gives []
+def scan_checkpoints(folder: str | Path,      # The folder to scan; a missing folder gives []
+                     run: str | None = None,  # Only this run's files, picked by name (no other header is read)
                      ) -> list[CheckpointFile]:
     "Entries of `folder` named like checkpoints, the runs by their newest write, each by its progress; headers only read."
     folder, found = Path(folder), []
     if not folder.is_dir(): return found
     for p in folder.iterdir():
-        if not _NAMED_LIKE.match(p.name): continue
+        if not _NAMED_LIKE.match(p.name) or (run is not None and f'-run{run}-' not in p.name): continue
         m = _NAME.match(p.name)
         step, rank = (int(m[1]), _PHASE_RANK[re.sub(r'\d+', '', m[4])]) if m else (-1, -1)
         written, problem = None, None
@@ -645,8 +646,7 @@ def list_checkpoints(folder: str | Path,      # The folder to list; a missing fo
                      run: str | None = None,  # A run's id: that run's checkpoints only; None: every run's
                      ) -> list[Path]:
     "The checkpoint files in `folder` (of run `run` only, if given), in the order of `scan_checkpoints`."
-    return [f.path for f in scan_checkpoints(folder)
-            if _NAME.match(f.path.name) and f.path.is_file() and (run is None or f.run == run)]
+    return [f.path for f in scan_checkpoints(folder, run) if _NAME.match(f.path.name) and f.path.is_file()]
 
 # %% ../nbs/03_ckpt_format.ipynb #10e9ced5
 def read_training_state(path: str | Path,                 # A checkpoint file written during a fit

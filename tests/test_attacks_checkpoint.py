@@ -844,3 +844,19 @@ def test_a_group_added_during_the_run_is_named_as_the_fix(tmp_path):
     with pytest.raises(CheckpointMismatchError, match='holds 2 optimizer parameter group.*has 1: give it the run.s '
                        'groups before resuming .a group added during the run: add it first.'):
         quiet_fit(dst, 3, resume='last')
+
+
+def test_rotation_reads_the_headers_of_its_own_run_only(tmp_path, monkeypatch):
+    """A folder with hundreds of other runs' checkpoints: each save's rotation picks its run's files by name and
+    reads only their headers (it read every file's, 3.7 s per save with 10,000 files)."""
+    import nbloop.ckpt_format as ckpt_format
+    folder = tmp_path / 'checkpoints'
+    quiet_fit(make(tmp_path), 1)
+    src = list_checkpoints(folder)[0]
+    for i in range(300): shutil.copyfile(src, folder / f'ckpt-step{i:09d}-run{i:08x}-epoch0000-end.safetensors')
+    read, real = [], ckpt_format.checkpoint_info
+    monkeypatch.setattr(ckpt_format, 'checkpoint_info', lambda p: read.append(Path(p).name) or real(p))
+    learn = make(tmp_path); quiet_fit(learn, 2)
+    own = learn.get_cb(CheckpointCallback).run
+    assert len(list_checkpoints(folder, run=own)) == 3 and read
+    assert all(f'-run{own}-' in name for name in read), sorted(set(read) - {n for n in read if own in n})[:5]
