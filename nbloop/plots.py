@@ -154,7 +154,11 @@ class LivePlotCallback(Callback):
         self._canvas = _SharedCanvas.get(self.figsize, self.dpi)
         if self._mode == 'widget':
             import ipywidgets
+            for w in LivePlotCallback._kept: w.close()     # an earlier fit's: its cell shows a static PNG by now
             self.widget = ipywidgets.Image(format='png', layout=ipywidgets.Layout(max_width='100%'))
+            LivePlotCallback._kept = [self.widget, self.widget.layout]
+
+    _kept: list = []     # the last fit's widget (and its layout), kept with its final image for saved widget state
 
     def _fail(self, e: Exception):
         warnings.warn(f'LivePlotCallback stopped drawing: {type(e).__name__}: {e}')

@@ -438,3 +438,14 @@ def test_a_fit_on_a_background_thread_says_once_that_signals_cannot_stop_it():
     t = threading.Thread(target=job, name='sweep-worker'); t.start(); t.join(120)
     assert not t.is_alive()
     assert len(said) == 1 and "fit runs on the thread 'sweep-worker'" in said[0], said
+
+
+# -- issue 16: fits with a live plot do not pile up widgets --------------------------------------------------------
+def test_many_fits_with_a_live_plot_keep_one_widget():
+    "41 fits in widget mode left 82 widgets alive; now the last fit's Image and Layout remain, the others are closed."
+    from ipywidgets.widgets.widget import _instances
+    before = len(_instances)
+    for _ in range(12):
+        with redirect_stdout(io.StringIO()): synth_learner(cbs=[LivePlotCallback(mode='widget', min_interval=3600)]).fit(1)
+    assert len(_instances) - before <= 2, len(_instances) - before
+    assert LivePlotCallback._kept and all(w.comm is not None for w in LivePlotCallback._kept)
