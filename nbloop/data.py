@@ -452,6 +452,7 @@ def epoch_plans(train_dl: Iterable,        # The training batches
     if train.world_size > 1: check_same_data([train, valid], runtime)
     return train, valid
 
+# %% ../nbs/02_data.ipynb #bc3a4f9d
 def _extent(plan: EpochPlan | None, training: bool) -> tuple | None:
     "What every process must agree on: the samples of a dataset that is split, the batches of training data that is not."
     if plan is None: return None
