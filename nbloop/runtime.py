@@ -663,12 +663,12 @@ def save(self: DistributedRuntime,
          state: dict,                             # This process's state: `Learner.state_dict()`, or weights
          metadata: dict[str, str] | None = None,  # Extra header strings (the run id)
          ) -> Path | None:
-    """A training state: every process calls it and sends its part (random states, gradients not yet all-reduced,
-    per-process callback states); rank 0 writes them all in one file, complete by construction. Weights: rank 0
-    writes, and no process waits for another. The others get None."""
+    """A training state: every process sends its part (random states, gradients not yet all-reduced, per-process
+    callback states) to rank 0 alone, which writes one complete file; weights: rank 0 writes alone. Others get None."""
     if 'ranks' in state:
-        parts = self.gather(_cpu(state['ranks'][0]))
-        state = {**state, 'ranks': parts, 'training': {**state['training'], 'world_size': len(parts)}}
+        parts = [None] * self.world_size if self.is_main else None            # (only the writer holds them all)
+        dist.gather_object(_cpu(state['ranks'][0]), parts, dst=0, group=self.group)
+        state = {**state, 'ranks': parts, 'training': {**state['training'], 'world_size': self.world_size}}
     return save_state(path, state, metadata) if self.is_main else None
 
 # %% ../nbs/05_runtime.ipynb #7a18029e
