@@ -426,8 +426,7 @@ def save(self: Runtime,
          state: dict,                             # This process's state: `Learner.state_dict()`, or weights
          metadata: dict[str, str] | None = None,  # Extra header strings (the run id)
          ) -> Path | None:
-    """Write `state` to `path` atomically (without the per-process part it carries), if this process is the one that
-    writes (rank 0, or no RANK set); the others get None."""
+    "Write `state` (less its per-process part) to `path` atomically if this process writes (rank 0); others get None."
     if not self.is_main: return None
     return save_state(path, {k: v for k, v in state.items() if k != 'ranks'}, metadata)
 
@@ -465,10 +464,11 @@ def own_part(self: Runtime,
         if tr.get('total_steps') and total_steps:
             tr['train_iter'] = round(tr['train_iter'] / tr['total_steps'] * total_steps)
             tr['total_steps'] = total_steps
+        pad = '' if now == 1 else f'; up to {now - 1} repeated, so that each gets as many batches'
         if self.is_main:
             warnings.warn(f"{state.get('path', 'the state')} was written by {world} process{'es' if world > 1 else ''} and is "
                           f"resumed by {now}: the rest of the epoch's samples are split among the {now} (none "
-                          f"skipped or repeated), schedules follow the fraction of training done, and the result "
+                          f"skipped{pad}), schedules follow the fraction of training done, and the result "
                           f"is not bit-exact (resume with {world} to continue exactly)")
     return state
 
