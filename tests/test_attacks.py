@@ -3,7 +3,8 @@
 Each test is one attack from the reliability review and asserts the behaviour nbloop promises: a resume that is
 bit-exact (`torch.equal` against an uninterrupted run), a checkpoint that holds every callback's state as of the end
 of its event, cleanup that always runs, and errors that name what was wrong. The other parts are
-tests/test_attacks_checkpoint.py (crafted files, rotation, selection) and tests/test_attacks_metrics.py.
+tests/test_attacks_checkpoint.py (crafted files, rotation, selection), tests/test_attacks_metrics.py and
+tests/test_attacks_ddp.py (several processes, through `launch`).
 Everything runs in-process on tiny CPU fixtures, except the kills, which need a process of their own.
 """
 import io

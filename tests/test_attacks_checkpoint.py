@@ -15,9 +15,10 @@ promises asserted, never just "it did not crash":
   when the folder holds several;
 - optimizer mismatches, temporary file names, the checkpoint folder, the `resume` argument, and memory use.
 
-It tries 319 attacks: 86 crafted files read directly and 85 of them again through `resume='last'`, 52 training
-states of the wrong structure both ways, and 44 more on runs, optimizers, temporary files, the folder, the
-`resume` argument, memory and state at the end of an event. Every shipped stateful callback has
+It tries 323 attacks: 86 crafted files read directly and 85 of them again through `resume='last'`, 52 training
+states of the wrong structure both ways, and 48 more on runs (a clock set back, two runs in one folder, a folder
+of other runs' files), optimizers, temporary files, the folder, the `resume` argument, memory and state at the
+end of an event. Every shipped stateful callback has
 `check_state_dict`, so a callback state of the wrong structure is found before anything loads.
 
 Part 1 of the suite is tests/test_attacks.py (the loop), part 3 tests/test_attacks_metrics.py. Everything runs
