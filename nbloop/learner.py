@@ -349,6 +349,7 @@ def load_state_dict(self: Learner,
     self.state.pending_callbacks, self.state.pending_rng = state['callbacks'], state['rng']
     if not self.state.fitting: self.state.begin(self.cbs, data_generators(self.train_dl, self.valid_dl))   # at once
     else:                                                     # a resume: where it came from; a word on its length
+        self.state.pending_loads = [(self.opt, state['opt'])]  # again after before_fit (a torch scheduler made there)
         self.state.resumed_from = Path(state['path']) if 'path' in state else None
         _warn_about_length(source, state['training'], total, self.state)
 

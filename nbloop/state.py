@@ -49,6 +49,7 @@ class RunState:
         self.stop = self.cancel = None                        # a pending 'SIGINT' / 'SIGTERM'; a pending 'cancel'
         self.pending_rng = self.phase_rng = None              # see `Learner.load_state_dict` and `state_dict`
         self.pending_callbacks = None                         # a resumed fit's callback states, until `begin`
+        self.pending_loads: list = []                         # (object, its state): loaded again at `begin`
         self.dl = self.dl_name = self.xb = self.yb = self.pred = self.loss = self.loss_grad = None
         self._last_graph = None                               # the batch before's graph, until this one's exists
 
@@ -145,7 +146,11 @@ def begin(self: RunState,
           ) -> None:
     """The loop begins, after `before_fit` (which starts every callback fresh): a resumed fit's callbacks take their
     saved states now. Its random states come back here too when it resumed at an epoch's end; inside an epoch they
-    wait for `arrive`, where the phase begins. Outside a fit (`Learner.load_state_dict`), both come back at once."""
+    wait for `arrive`, where the phase begins. Outside a fit (`Learner.load_state_dict`), both come back at once.
+    First, what `pending_loads` holds (a resumed fit's optimizer) is loaded again: what `before_fit` changed there
+    (a torch scheduler made in it sets the rates) does not change the resumed run."""
+    for obj, saved in self.pending_loads: obj.load_state_dict(saved)
+    self.pending_loads = []
     for name, cb in stateful(cbs) if self.pending_callbacks is not None else ():
         if name in self.pending_callbacks: cb.load_state_dict(self.pending_callbacks[name])
         else: warnings.warn(f"the checkpoint has no state for callback '{name}'; it starts fresh")

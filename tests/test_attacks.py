@@ -450,3 +450,25 @@ def test_many_fits_with_a_live_plot_keep_one_widget():
         with redirect_stdout(io.StringIO()): synth_learner(cbs=[LivePlotCallback(mode='widget', min_interval=3600)]).fit(1)
     assert len(_instances) - before <= 2, len(_instances) - before
     assert LivePlotCallback._kept and all(w.comm is not None for w in LivePlotCallback._kept)
+
+
+# -- issue 16: a torch scheduler made in before_fit resumes bit for bit ---------------------------------------------
+class TorchOneCycle(Callback):
+    "A torch scheduler made in before_fit (its constructor sets the rates), stepped after each step, saved in checkpoints."
+    def before_fit(self, learn):
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(learn.opt, max_lr=0.05, total_steps=learn.total_steps)
+    def after_step(self, learn): self.sched.step()
+    def state_dict(self): return {'sched': self.sched.state_dict()}
+    def load_state_dict(self, state): self.sched.load_state_dict(state['sched'])
+
+
+def test_a_torch_scheduler_made_in_before_fit_resumes_exactly(tmp_path):
+    """On resume the optimizer's state is loaded again after before_fit: the scheduler's constructor no longer
+    overwrites the restored rates, so the resumed run ends as the uninterrupted one (it silently did not)."""
+    make = lambda path: synth_learner(n_classes=3, path=path, cbs=[CheckpointCallback(every_n_steps=2), TorchOneCycle()])
+    ref = make(tmp_path / 'ref'); quiet_fit(ref, 3)
+    with pytest.raises(RuntimeError, match='simulated crash'): quiet_fit(make(tmp_path / 'run'), 3, cbs=[crash_at('after_batch', 9)])
+    resumed = make(tmp_path / 'run'); quiet_fit(resumed, 3, resume='last')
+    assert resumed.resumed_from is not None
+    assert resumed.opt.param_groups[0]['lr'] == ref.opt.param_groups[0]['lr']
+    assert_same_run(resumed, ref)
