@@ -209,6 +209,7 @@ def _collect(procs: list, conns: list, timeout: float | None) -> Any:
     deadline = None if timeout is None else time.monotonic() + timeout
     on_main = threading.current_thread() is threading.main_thread()     # (signal handlers live there only)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
+    terminated = False
     try:
         while len(results) < len(procs) and failure is None:
             if deadline is not None and time.monotonic() > deadline:
@@ -229,14 +230,14 @@ def _collect(procs: list, conns: list, timeout: float | None) -> Any:
             if p.is_alive(): os.kill(p.pid, sig)
         _join(procs, 120)
         if sig == signal.SIGINT: raise
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        on_main = False
-        signal.raise_signal(signal.SIGTERM)     # then the signal ends this process as it would have
-        raise SystemExit(128 + signal.SIGTERM) from None   # (a handler that returned)
+        terminated = True
     finally:
         if on_main: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         _join(procs, 0 if failure is None else 5)
         for c in conns: c.close()
+    if terminated:                              # the processes have saved: the signal ends this one as it would have
+        signal.raise_signal(signal.SIGTERM)
+        raise SystemExit(128 + signal.SIGTERM)  # (a handler of the caller's that returned)
     if failure is not None:
         r, why = failure
         if r is not None and results[r][0] == 'exit':

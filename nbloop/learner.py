@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .core import (CancelBatchException, CancelEpochException, CancelFitException, CancelTrainException,
                    CancelValidateException, Callback, CallbackHost, FitError, LossError, ModelError, call_model,
-                   check_callback_states, check_number, check_rng_state, compute_loss, describe, expect, forward_to, get_rng_state,
-                   patch, set_rng_state, stateful, unwrap_model)
+                   check_callback_states, check_number, check_rng_state, compute_loss, describe, expect, forward_to,
+                   get_rng_state, patch, set_rng_state, stateful, unwrap_model)
 from .state import RunState, RunStateView
 from .data import (BatchError, EmptyDataError, EpochPlan, batches_per_epoch, check_dataloader, check_plan_state,
                    data_generators, epoch_plans, split_batch)

@@ -519,10 +519,9 @@ class DistributedRuntime(Runtime):
         """On the device, wrapped in DistributedDataParallel (when it has something to train; a model already in one is
         used as it is: wrapped again, its gradients would be all-reduced twice), then compiled if asked."""
         model = model.to(self.device)
-        ddp = torch.nn.parallel.DistributedDataParallel
-        if self.world_size > 1 and not isinstance(model, ddp) and any(p.requires_grad for p in model.parameters()):
+        if self.world_size > 1 and _ddp_of(model) is None and any(p.requires_grad for p in model.parameters()):
             ids = [self.device.index] if self.device.type == 'cuda' else None
-            model = ddp(model, device_ids=ids)
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = torch.compile(model) if compile else model
         return self.model
 
