@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import math
 import numbers
 import operator
@@ -28,8 +29,9 @@ __all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'FOREIGN_HOOKS', 'Event', '
            'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback', 'handlers_of', 'build_dispatch',
            'check_resume', 'stateful', 'check_callback_states', 'patch', 'forward_to', 'CallbackHost', 'fire_all',
            'default_device', 'to_device', 'describe', 'FitError', 'ModelError', 'call_model', 'LossError',
-           'compute_loss', 'check_trainable', 'check_state', 'short', 'is_index', 'expect', 'check_number',
-           'get_rng_state', 'set_rng_state', 'check_rng_state', 'DebiasedEMA', 'new_figure', 'unwrap_model']
+           'compute_loss', 'as_classes', 'check_trainable', 'check_state', 'short', 'is_index', 'expect',
+           'check_number', 'get_rng_state', 'set_rng_state', 'check_rng_state', 'DebiasedEMA', 'new_figure',
+           'unwrap_model']
 
 # %% ../nbs/00_core.ipynb #8cbfe84a
 class Event(str, Enum):
@@ -501,6 +503,36 @@ def compute_loss(loss_func: Callable,   # Called as `loss_func(pred, *yb)`
                         '.detach(), .item(), argmax or torch.no_grad(), and check that the model has trainable '
                         'parameters.')
     return loss
+
+# %% ../nbs/00_core.ipynb #a6f5eaa5
+_PROBABILITIES = (torch.nn.functional.binary_cross_entropy, torch.nn.BCELoss)    # losses that take probabilities
+_LOGITS = (torch.nn.functional.binary_cross_entropy_with_logits, torch.nn.BCEWithLogitsLoss)
+_CLASS_SCORES = (torch.nn.functional.cross_entropy, torch.nn.CrossEntropyLoss)
+
+def _is_loss(loss_func: Any, kind: tuple) -> bool:
+    "Whether `loss_func` is `kind`'s function, an instance of its class, or a `functools.partial` of either."
+    while isinstance(loss_func, functools.partial): loss_func = loss_func.func
+    return loss_func is kind[0] or isinstance(loss_func, kind[1])
+
+def as_classes(pred: torch.Tensor,   # The model's output for a batch
+               targ: torch.Tensor,   # The batch's target
+               loss_func: Any,       # The learner's loss function: it says how the two are read
+               check: bool = False,  # Warn if binary predictions look like probabilities under an unknown loss (one sync)
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(pred, targ)` for a metric that reads classes, read as `loss_func` reads them: after a binary cross-entropy on
+    probabilities, `pred - 0.5` (a probability above 0.5 is class 1, as a logit above 0 is); after a cross-entropy
+    with class-probability targets (floats of the predictions' shape), the targets' argmax class. Otherwise as they
+    are: logits. With `check`, binary predictions that all lie in [0, 1] under a loss that is none of these warn."""
+    if _is_loss(loss_func, _PROBABILITIES): return pred - 0.5, targ
+    if targ.is_floating_point() and targ.shape == pred.shape and pred.ndim > 1 and _is_loss(loss_func, _CLASS_SCORES):
+        return pred, targ.argmax(dim=-1)
+    binary = pred.shape == targ.shape or pred.shape == (*targ.shape, 1)
+    if check and binary and not _is_loss(loss_func, _LOGITS) and pred.numel() and bool(pred.min() >= 0) and bool(pred.max() <= 1):
+        name = getattr(loss_func, '__name__', type(loss_func).__name__)
+        warnings.warn(f"every prediction of this batch lies in [0, 1], but metrics that read classes read binary "
+                      f"predictions as logits (class 1 above 0), and the loss ({name}) does not say otherwise. If the model outputs probabilities, train it with nn.BCELoss or "
+                      f"F.binary_cross_entropy (read above 0.5), or output logits with nn.BCEWithLogitsLoss.")
+    return pred, targ
 
 # %% ../nbs/00_core.ipynb #e41f0b6a
 def check_trainable(model: torch.nn.Module,   # The model a fit would train

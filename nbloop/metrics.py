@@ -5,6 +5,7 @@
 # %% ../nbs/06_metrics.ipynb #88d994eb
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import time
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Callback, CallbackHost, DebiasedEMA, camel_to_snake, check_state, describe, new_figure, patch
+from .core import (Callback, CallbackHost, DebiasedEMA, as_classes, camel_to_snake, check_state, describe,
+                         new_figure, patch)
 from .state import RunState, RunStateView
 from .data import EpochPlan
 from .runtime import Runtime
@@ -48,18 +50,22 @@ def _as_float(value: Any, name: str, what: str) -> float:
 
 def _summed(gather: Callable[[Any], list], *values) -> tuple:
     "Each of `values` summed over every process (`gather(obj)` returns every process's `obj`, in rank order)."
-    return tuple(map(sum, zip(*gather(values))))
+    return tuple(map(sum, itertools.zip_longest(*gather(values), fillvalue=0)))   # a count some processes lack: 0
 
 # %% ../nbs/06_metrics.ipynb #fb0496a5
 class Metric:
     "Base class: `reset()`, then `accumulate(learn)` per batch, then `compute()` for the epoch's value."
     name: str = 'metric'
     running: bool = True     # whether progress displays may call `compute()` during validation
+    reads_classes: bool = False   # whether it reads classes: `accumulate` then reads them as the loss does
     def reset(self) -> None: raise NotImplementedError
     def accumulate(self,
-                   learn,   # The learner, after a validation batch: its `pred` and `yb` are read
+                   learn,   # The learner, after a validation batch: its `pred`, `yb` and `loss_func` are read
                    ) -> None:
-        self.update(learn.pred, learn.yb[0])
+        pred, targ = learn.pred, learn.yb[0]
+        if self.reads_classes:   # (`core.as_classes`: probabilities after BCELoss, argmax of class-probability targets)
+            pred, targ = as_classes(pred, targ, getattr(learn, 'loss_func', None), getattr(learn, 'iter', 0) == 0)
+        self.update(pred, targ)
     def update(self,
                pred: torch.Tensor,   # The model's output for the batch (`learn.pred`)
                targ: torch.Tensor,   # The batch's target (`learn.yb[0]`)
@@ -148,32 +154,31 @@ class ObjectMetric(Metric):
 class CountMetric(Metric):
     "A ratio of integer counts: `counts(pred, targ) -> (hits, total)` summed on the device, divided once at the end."
     def __init__(self,
-                 counts: Callable,   # A function `counts(pred, targ) -> (hits, total)`: a batch's integer counts
+                 counts: Callable,   # `counts(pred, targ) -> (hits, total[, NaN predictions: any makes the value NaN])`
                  name: str,          # The history column's name
                  ):
-        self.counts, self.name = counts, name
+        self.counts, self.name, self.reads_classes = counts, name, getattr(counts, 'reads_classes', False)
         self.reset()
-    def reset(self): self.hits, self.total = [], []       # each batch's counts, summed once, at the end
+    def reset(self): self.counted = []          # each batch's counts, summed once, at the end
     def update(self,
                pred,   # The model's output for the batch (`learn.pred`)
                targ,   # The batch's target (`learn.yb[0]`)
                ):
-        hits, total = self.counts(pred, targ)
-        self.hits.append(hits); self.total.append(total)      # no device op per batch
+        self.counted.append(self.counts(pred, targ))      # no device op per batch
     def compute(self) -> float:
-        if not self.hits: return math.nan
-        hits, total = _count_sums(self.hits, self.total)      # sync point: once per epoch
-        return hits / total if total else math.nan    # Python ints: one correctly rounded float64 division
+        if not self.counted: return math.nan
+        hits, total, *unread = _count_sums(self.counted)     # sync point: once per epoch
+        return hits / total if total and not any(unread) else math.nan   # Python ints: one rounding
     def sync(self,
              gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
              ):
-        hits, total = _summed(gather, *_count_sums(self.hits, self.total))   # no batches here: 0 of 0
-        self.hits, self.total = [hits], [total]
+        self.counted = [_summed(gather, *_count_sums(self.counted))]   # no batches here: 0 of 0
 
-def _count_sums(hits: list, total: list) -> list:
+def _count_sums(counted: list) -> list:
     "The sums of a metric's per-batch counts (tensors on the device, summed there, or numbers), with one sync."
-    if not (hits and all(isinstance(c, torch.Tensor) for c in hits + total)): return [sum(hits), sum(total)]
-    return torch.stack([torch.stack(hits).sum(0), torch.stack(total).sum(0)]).tolist()
+    columns = list(zip(*counted)) or [(), ()]
+    if not (counted and all(isinstance(c, torch.Tensor) for col in columns for c in col)): return list(map(sum, columns))
+    return torch.stack([torch.stack(col).sum(0) for col in columns]).tolist()
 
 # %% ../nbs/06_metrics.ipynb #3ba5a16c
 class EpochMetric(Metric):
@@ -227,20 +232,20 @@ def predicted_class(pred: torch.Tensor,   # Logits: a (class) dimension more tha
                      f"predictions with one more (class) dimension than the targets, or the same shape")
 
 # %% ../nbs/06_metrics.ipynb #b0539790
-def _accuracy_counts(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "(correct, counted) as int64 tensors on the device; targets equal to -100 are not counted."
+def _accuracy_counts(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "(correct, counted, NaN predictions) as int64 tensors on the device; targets equal to -100 are not counted."
     # a predicted class is never negative, so a target of -100 is never a hit; count_nonzero costs less than sum
     hits = predicted_class(pred, targ) == (targ.long() if targ.is_floating_point() else targ)
-    return hits.count_nonzero(), (targ != _IGNORE).count_nonzero()
+    return hits.count_nonzero(), (targ != _IGNORE).count_nonzero(), pred.isnan().count_nonzero()
 
 def accuracy(pred: torch.Tensor,   # Logits or scores, read by `predicted_class`
              targ: torch.Tensor,   # The target classes; those equal to -100 (padding) are not counted
              ) -> torch.Tensor:
-    "Fraction of the targets (those != -100) whose predicted class is right."
-    correct, counted = _accuracy_counts(pred, targ)
-    return correct / counted
+    "Fraction of the targets (those != -100) whose predicted class is right; NaN if a prediction is NaN."
+    correct, counted, unread = _accuracy_counts(pred, targ)
+    return (correct / counted).where(unread == 0, math.nan)
 
-accuracy.counts = _accuracy_counts
+accuracy.counts, _accuracy_counts.reads_classes = _accuracy_counts, True
 
 # %% ../nbs/06_metrics.ipynb #27b17ac9
 def top_k_accuracy(k: int = 5,   # How many of the highest predictions may hold the target (>= 1)
@@ -253,11 +258,13 @@ def top_k_accuracy(k: int = 5,   # How many of the highest predictions may hold 
             raise ValueError(f'{name} needs predictions with one more (class) dimension than the targets, got '
                              f'predictions ({describe(pred)}) and targets ({describe(targ)})')
         top = pred.topk(min(k, pred.shape[-1]), dim=-1).indices      # never negative: -100 is never a hit
-        return (top == targ.long().unsqueeze(-1)).any(dim=-1).count_nonzero(), (targ != _IGNORE).count_nonzero()
+        return ((top == targ.long().unsqueeze(-1)).any(dim=-1).count_nonzero(), (targ != _IGNORE).count_nonzero(),
+                pred.isnan().count_nonzero())
     def metric(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
-        hits, counted = counts(pred, targ)
-        return hits / counted
+        hits, counted, unread = counts(pred, targ)
+        return (hits / counted).where(unread == 0, math.nan)
     metric.__name__ = metric.__qualname__ = name
+    counts.reads_classes = True
     metric.__doc__, metric.counts = f'Fraction of the targets (those != -100) among the {k} highest predictions.', counts
     return metric
 
@@ -266,7 +273,7 @@ top5_accuracy = top_k_accuracy(5)
 # %% ../nbs/06_metrics.ipynb #4513c816
 class MatthewsCorrCoef(Metric):
     "Matthews correlation coefficient, binary or multiclass, from a confusion matrix accumulated on the device."
-    name = 'matthews_corrcoef'
+    name, reads_classes = 'matthews_corrcoef', True
     def __init__(self,
                  num_classes: int | None = None,   # How many classes; None reads the predictions' last dimension
                  ):
@@ -283,12 +290,14 @@ class MatthewsCorrCoef(Metric):
         keep = t != _IGNORE
         idx = torch.where(keep, t.long() * n + pc, 0)
         # index_add_ into a fixed-size tensor, padding with weight 0: no device sync to size or filter anything
-        if self.confusion is None: self.confusion = torch.zeros(n * n, dtype=torch.int64, device=pred.device)
+        if self.confusion is None: self.confusion = torch.zeros(n * n + 1, dtype=torch.int64, device=pred.device)
         self.confusion.index_add_(0, idx, keep.long())
+        self.confusion[-1] += pred.isnan().count_nonzero()   # the last slot counts NaN predictions: the value is NaN
     def compute(self) -> float:
         if self.confusion is None: return math.nan
-        n = int(round(self.confusion.numel() ** 0.5))
-        cm = self.confusion.cpu().reshape(n, n).double()  # sync point: once per epoch
+        n, counts = int(round((self.confusion.numel() - 1) ** 0.5)), self.confusion.cpu()   # sync point: once per epoch
+        if counts[-1]: return math.nan
+        cm = counts[:-1].reshape(n, n).double()
         t, p = cm.sum(1), cm.sum(0)
         c, s = cm.trace(), cm.sum()
         denom = ((s * s - (p * p).sum()) * (s * s - (t * t).sum())).sqrt()
@@ -371,24 +380,20 @@ class Recorder(Callback):
 
     def _reset_fit(self):
         self._losses: list[float] = []
-        self._pending: list[torch.Tensor] = []   # losses on the device: `_stacked` stacks first, then single ones
-        self._stacked = 0
+        self._pending, self._stacked = [], 0    # losses on the device: `_stacked` stacks first, then single ones
         self._meta: list[tuple] = []          # (epoch, batch, step, lr, batch size) of each pending loss
         self.lrs: list[float] = []
         self._sizes: list[int] = []          # batch sizes of the current epoch's training batches
         self._epoch_start = 0                # index in losses where this epoch started
-        self._ema = DebiasedEMA(self.smooth_beta)
-        self._smoothed: list[float] = []
-        self._valid: list[torch.Tensor] = []
-        self._valid_sizes: list[int] = []
+        self._ema, self._smoothed = DebiasedEMA(self.smooth_beta), []
+        self._valid, self._valid_sizes = [], []   # the validation losses (on the device) and sizes of its batches
         self._epoch_ends: list[int] = []     # len(losses) at the end of each epoch, to place valid points
 
     def before_fit(self, learn):
         self.history = []
         self._reset_fit()
 
-    def before_epoch(self, learn):
-        self._epoch_t0 = time.perf_counter()
+    def before_epoch(self, learn): self._epoch_t0 = time.perf_counter()
 
     def after_batch(self, learn):
         state = learn.state                       # (every batch: read the state itself, not the learner's properties)
@@ -691,10 +696,5 @@ class TinyLearner(CallbackHost, RunStateView):
         self._fire('after_train' if training else 'after_validate')
 
     def _step(self) -> None:
-        self._fire('before_backward')
-        self.loss_grad.backward()
-        self._fire('after_backward')
-        self._fire('before_step')
-        self.opt.step()
-        self._fire('after_step')
-        self.opt.zero_grad()
+        self._fire('before_backward'); self.loss_grad.backward(); self._fire('after_backward')
+        self._fire('before_step'); self.opt.step(); self._fire('after_step'); self.opt.zero_grad()

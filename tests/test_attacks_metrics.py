@@ -3,8 +3,9 @@
 Each test compares nbloop's value with an independent computation over the whole data (scikit-learn,
 torchmetrics or plain Python): padding targets (-100) in classification and language-model batches, exact
 counting, metrics that need the whole epoch (R^2, AUC, F1), errors that must name the metric, batches cancelled
-before their loss existed, the finished history row seen by every after_epoch handler, and metrics replaced after
-the learner was made. Fixtures are tiny and CPU-only; the one CUDA test checks that no metric syncs per batch.
+before their loss existed, the finished history row seen by every after_epoch handler, metrics replaced after
+the learner was made, and predictions read as the loss reads them (a Sigmoid before BCELoss, one-hot, smoothed
+or mixup targets with a cross-entropy, NaN predictions). Fixtures are tiny and CPU-only; the one CUDA test checks that no metric syncs per batch.
 """
 import math
 from fractions import Fraction
@@ -309,6 +310,102 @@ def test_metrics_assigned_after_construction_are_used():
     assert rec.metric_names == ['accuracy']
     with pytest.raises(ValueError, match="named 'accuracy'"): rec.metrics = [accuracy, accuracy]
 
+
+
+# -- 10. predictions and targets read as the loss reads them --------------------------------------------------------
+def fitted(model, loss_func, train, valid, metrics, epochs=3, lr=0.5):
+    "A Learner fitted on lists of batches; its last history row and the model's validation outputs."
+    torch.manual_seed(0)
+    learn = Learner(model, train, valid, loss_func=loss_func, lr=lr, metrics=metrics, opt_func=torch.optim.SGD)
+    with learn.no_bar(): learn.fit(epochs)
+    with torch.no_grad(): out = torch.cat([learn.model(x) for x, _ in valid])
+    return learn.recorder.history[-1], out
+
+
+def binary_data(n=160, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    y = (x @ torch.randn(5, generator=g) > 0).float()
+    return [(x[i:i + 16], y[i:i + 16]) for i in range(0, 128, 16)], [(x[i:i + 16], y[i:i + 16]) for i in range(128, n, 16)]
+
+
+@pytest.mark.parametrize('loss', ['module', 'function', 'partial'])
+def test_sigmoid_then_bce_is_read_as_probabilities(loss):
+    "The attack: a Sigmoid output with BCE gave accuracy 0.225 where scikit-learn gives 1.000 (read as logits)."
+    import functools
+    loss_func = {'module': nn.BCELoss(), 'function': F.binary_cross_entropy,
+                 'partial': functools.partial(F.binary_cross_entropy, reduction='mean')}[loss]
+    train, valid = binary_data()
+    model = nn.Sequential(nn.Linear(5, 1), nn.Flatten(0), nn.Sigmoid())
+    row, probs = fitted(model, loss_func, train, valid, [accuracy, MatthewsCorrCoef()], lr=2.)
+    y = torch.cat([t for _, t in valid]).numpy()
+    pred = (probs > 0.5).numpy()
+    assert row['accuracy'] == pytest.approx((pred == y).mean(), abs=1e-12) and row['accuracy'] > 0.85
+    assert row['matthews_corrcoef'] == pytest.approx(matthews_corrcoef(y, pred), abs=1e-9)
+
+
+def test_logits_with_bce_with_logits_are_still_thresholded_at_zero():
+    train, valid = binary_data(seed=1)
+    row, logits = fitted(nn.Sequential(nn.Linear(5, 1), nn.Flatten(0)), nn.BCEWithLogitsLoss(), train, valid, [accuracy])
+    y = torch.cat([t for _, t in valid])
+    assert row['accuracy'] == pytest.approx(((logits > 0).float() == y).double().mean().item(), abs=1e-12)
+
+
+def test_probabilities_under_a_loss_of_your_own_get_a_warning():
+    train, valid = binary_data(seed=2)
+    model = nn.Sequential(nn.Linear(5, 1), nn.Flatten(0), nn.Sigmoid())
+    with pytest.warns(UserWarning, match=r'lies in \[0, 1\].*nn.BCELoss'):
+        fitted(model, lambda p, t: F.binary_cross_entropy(p, t), train, valid, [accuracy], epochs=1)
+
+
+def soft_data(kind, n=150, c=4, seed=0):
+    "Class-probability targets: one-hot, label-smoothed, or mixup-like mixtures of two classes."
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x @ torch.randn(6, c, generator=g)).argmax(1)
+    onehot = F.one_hot(y, c).float()
+    if kind == 'smoothed': targ = onehot * 0.8 + 0.2 / c
+    elif kind == 'mixup':
+        lam = 0.6 + 0.4 * torch.rand(n, 1, generator=g)          # the true class always weighs most
+        targ = lam * onehot + (1 - lam) * F.one_hot((y + 1) % c, c).float()
+    else: targ = onehot
+    batches = [(x[i:i + 15], targ[i:i + 15]) for i in range(0, n, 15)]
+    return batches[:7], batches[7:], y[105:]
+
+
+@pytest.mark.parametrize('kind', ['onehot', 'smoothed', 'mixup'])
+@pytest.mark.parametrize('loss', ['function', 'module'])
+def test_class_probability_targets_are_read_by_their_argmax(kind, loss):
+    "The attack: soft or one-hot targets with cross_entropy gave accuracy 0.500 where the true value was 0.275."
+    train, valid, y = soft_data(kind)
+    loss_func = F.cross_entropy if loss == 'function' else nn.CrossEntropyLoss()
+    row, out = fitted(nn.Linear(6, 4), loss_func, train, valid, [accuracy, top_k_accuracy(2), MatthewsCorrCoef()])
+    assert row['accuracy'] == pytest.approx((out.argmax(1) == y).double().mean().item(), abs=1e-12)
+    assert row['top2_accuracy'] == pytest.approx(top_k_accuracy_score(y.numpy(), out.numpy(), k=2, labels=range(4)), abs=1e-12)
+    assert row['matthews_corrcoef'] == pytest.approx(matthews_corrcoef(y.numpy(), out.argmax(1).numpy()), abs=1e-9)
+
+
+def test_multilabel_float_targets_under_bce_stay_elementwise():
+    "Float targets of the predictions' shape under a BCE are labels, one per column: never an argmax."
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(96, 6, generator=g)
+    y = (x @ torch.randn(6, 3, generator=g) > 0).float()
+    train, valid = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], [(x[i:i + 16], y[i:i + 16]) for i in range(64, 96, 16)]
+    row, logits = fitted(nn.Linear(6, 3), nn.BCEWithLogitsLoss(), train, valid, [accuracy])
+    assert row['accuracy'] == pytest.approx(((logits > 0).float() == y[64:]).double().mean().item(), abs=1e-12)
+
+
+def test_nan_predictions_give_nan_metrics_not_numbers():
+    "The attack: all-NaN predictions reported accuracy 0.775 and MCC 0.0 as real numbers."
+    train, valid, _ = soft_data('onehot')
+    train = [(x, t.argmax(1)) for x, t in train]; valid = [(x, t.argmax(1)) for x, t in valid]
+    model = nn.Linear(6, 4)
+    model.register_forward_hook(lambda m, i, o: o if m.training else o * math.nan)
+    row, _ = fitted(model, F.cross_entropy, train, valid, [accuracy, top_k_accuracy(2), MatthewsCorrCoef()], epochs=1)
+    for name in ('accuracy', 'top2_accuracy', 'matthews_corrcoef'): assert math.isnan(row[name]), name
+    binary = [(torch.full((4,), math.nan), torch.tensor([0., 1, 0, 1]))]
+    assert math.isnan(feed(accuracy, binary)) and math.isnan(feed(MatthewsCorrCoef(), binary))
+    assert feed(accuracy, [(torch.tensor([-1., 1, -1, 1]), torch.tensor([0., 1, 0, 1]))]) == 1.0
 
 # -- no sync per batch ------------------------------------------------------------------------------------------------
 class NoSync(TorchFunctionMode):
