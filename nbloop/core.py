@@ -25,13 +25,13 @@ import torch
 
 # %% auto #0
 __all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'FOREIGN_HOOKS', 'Event', 'CancelBatchException', 'CancelTrainException',
-           'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'camel_to_snake', 'Callback',
-           'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback', 'handlers_of', 'build_dispatch',
-           'check_resume', 'stateful', 'check_callback_states', 'patch', 'forward_to', 'CallbackHost', 'fire_all',
-           'default_device', 'to_device', 'describe', 'FitError', 'ModelError', 'call_model', 'LossError',
-           'compute_loss', 'as_classes', 'check_trainable', 'check_state', 'short', 'is_index', 'expect',
-           'check_number', 'get_rng_state', 'set_rng_state', 'check_rng_state', 'DebiasedEMA', 'new_figure',
-           'unwrap_model']
+           'CancelValidateException', 'CancelEpochException', 'CancelFitException', 'LoopCancel', 'CancelMismatchError',
+           'camel_to_snake', 'Callback', 'CallbackError', 'event_methods', 'FunctionCallback', 'as_callback',
+           'handlers_of', 'build_dispatch', 'check_resume', 'stateful', 'check_callback_states', 'patch', 'forward_to',
+           'CallbackHost', 'fire_all', 'default_device', 'to_device', 'describe', 'FitError', 'ModelError',
+           'call_model', 'LossError', 'compute_loss', 'as_classes', 'check_trainable', 'check_state', 'short',
+           'is_index', 'expect', 'check_number', 'get_rng_state', 'set_rng_state', 'check_rng_state', 'DebiasedEMA',
+           'new_figure', 'unwrap_model']
 
 # %% ../nbs/00_core.ipynb #8cbfe84a
 class Event(str, Enum):
@@ -89,6 +89,14 @@ class CancelEpochException(Exception):
 # %% ../nbs/00_core.ipynb #d57ed7e2
 class CancelFitException(Exception):
     "Stop training and go to `after_fit`."
+
+# %% ../nbs/00_core.ipynb #6a24428c
+class LoopCancel:
+    "Marks a cancel that the loop raises itself, alike in every process (not a callback's): it needs no agreement."
+
+# %% ../nbs/00_core.ipynb #03d64fb6
+class CancelMismatchError(RuntimeError):
+    "Processes disagree on a cancel: a callback raised it in some of them and not in the others."
 
 # %% ../nbs/00_core.ipynb #67ca8d8e
 EVENT_PREFIXES = ('before_', 'after_')
@@ -368,6 +376,14 @@ def _fire(self: CallbackHost, event: str) -> None:
         if self._deferred: self._run_deferred()
 
 @patch
+def _cancelled(self: CallbackHost, cancel: Exception, after_cancel: str) -> None:
+    """A level was cancelled: fire `after_cancel`. A cancel that a callback raised (not a `LoopCancel`) is first
+    agreed on by the processes, through the host's runtime if it has one (the Learner's: `Runtime.agree_cancel`)."""
+    if not isinstance(cancel, LoopCancel) and getattr(self, 'runtime', None) is not None:
+        self.runtime.agree_cancel(self.state, cancel)
+    self._fire(after_cancel)
+
+@patch
 def _with_events(self: CallbackHost,
                  name: str,                             # The level: 'fit', 'epoch', 'train', 'validate' or 'batch'
                  cancel: type[Exception],               # The exception that cancels this level
@@ -381,7 +397,7 @@ def _with_events(self: CallbackHost,
     try:
         if before in self._dispatch: self._fire(before)     # (no call for an event without handlers: every batch)
         body()
-    except cancel: self._fire(after_cancel)
+    except cancel as e: self._cancelled(e, after_cancel)
     except BaseException:
         if name == 'fit': fire_all(self, after, cleanup=True)
         raise

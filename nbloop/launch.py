@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 # %% auto #0
 __all__ = ['distributed_env', 'get_rank', 'get_world_size', 'init_distributed', 'destroy_distributed', 'side_group',
-           'LaunchError', 'launch']
+           'process_part', 'LaunchError', 'launch']
 
 # %% ../nbs/04_launch.ipynb #173a581a
 _side: dict = {}                          # the CPU (gloo) group of the current process group
@@ -92,6 +93,39 @@ def side_group():
     if _side.get('world') is not world:
         _side['world'], _side['group'] = world, dist.new_group(backend='gloo')
     return _side['group']
+
+# %% ../nbs/04_launch.ipynb #9664f762
+def process_part(state: dict | None,       # A training state read from a file (as `Runtime.pick` returns it)
+                 total_steps: int | None,  # Training steps of the fit that resumes it
+                 rank: int,                # The resuming process's rank
+                 world_size: int,          # How many processes resume it
+                 ) -> dict | None:
+    """This process's part of a checkpoint's state (its random states and gradients, when several processes wrote
+    it). Written by another number of processes, the schedules follow the fraction of training done and a warning
+    (from rank 0) says the result is not bit-exact."""
+    if state is None: return None
+    world, now = state['training'].pop('world_size', 1), world_size     # the result is one process's view
+    ranks = state.pop('ranks', None)
+    if ranks is not None:
+        mine = ranks[rank % len(ranks)]
+        state['rng'] = mine['rng']
+        state['callbacks'].update(mine.get('callbacks', {}))
+        if world == now: state['grads'] = mine['grads']
+        else:      # gradients accumulated but not yet all-reduced: their average is what the step would have used
+            names = set().union(*(r['grads'] for r in ranks))
+            state['grads'] = {n: torch.stack([r['grads'][n] for r in ranks if n in r['grads']]).mean(0) for n in names}
+    if world != now:
+        tr = state['training']
+        if tr.get('total_steps') and total_steps:
+            tr['train_iter'] = round(tr['train_iter'] / tr['total_steps'] * total_steps)
+            tr['total_steps'] = total_steps
+        pad = '' if now == 1 else f'; up to {now - 1} repeated, so that each gets as many batches'
+        if rank == 0:
+            warnings.warn(f"{state.get('path', 'the state')} was written by {world} process{'es' if world > 1 else ''} and is "
+                          f"resumed by {now}: the rest of the epoch's samples are split among the {now} (none "
+                          f"skipped{pad}), schedules follow the fraction of training done, and the result "
+                          f"is not bit-exact (resume with {world} to continue exactly)")
+    return state
 
 # %% ../nbs/04_launch.ipynb #6c50ee62
 class LaunchError(RuntimeError):

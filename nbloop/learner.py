@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .core import (CancelBatchException, CancelEpochException, CancelFitException, CancelTrainException,
-                   CancelValidateException, Callback, CallbackHost, FitError, LossError, ModelError, call_model,
+                   CancelValidateException, Callback, CallbackHost, FitError, LoopCancel, LossError, ModelError, call_model,
                    check_callback_states, check_number, check_rng_state, compute_loss, describe, expect, forward_to,
                    get_rng_state, patch, set_rng_state, stateful, unwrap_model)
 from .state import RunState, RunStateView
@@ -111,6 +111,9 @@ def synth_learner(n: int = 128,                  # Samples in all (see `synth_da
     return Learner(model, train, valid, loss_func=loss, lr=lr, **kwargs)
 
 # %% ../nbs/09_learner.ipynb #d93b6e27
+class _NoStep(LoopCancel, CancelBatchException):
+    "A batch that does not step (gradient accumulation): the loop skips its step's events, in every process alike."
+
 @patch
 def _one_batch(self: Learner) -> None:
     """Forward and loss in the runtime's batch context; in training, backward and the optimizer step through the
@@ -129,7 +132,7 @@ def _one_batch(self: Learner) -> None:
     if 'before_backward' in self._dispatch: self._fire('before_backward')
     runtime.backward(state.loss_grad)
     if 'after_backward' in self._dispatch: self._fire('after_backward')
-    if not runtime.steps: raise CancelBatchException()                 # accumulating: the group's last batch steps
+    if not runtime.steps: raise _NoStep()                              # accumulating: the group's last batch steps
     if 'before_step' in self._dispatch: self._fire('before_step')
     runtime.step(self.opt)
     if 'after_step' in self._dispatch: self._fire('after_step')

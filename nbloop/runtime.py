@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import operator
 import os
 import signal
@@ -20,9 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .core import (CancelFitException, check_rng_state, check_trainable, default_device, expect, is_index, patch,
-                         to_device)
-from .launch import distributed_env, get_rank, get_world_size, init_distributed, side_group
+from .core import (CancelBatchException, CancelFitException, LoopCancel, check_rng_state, check_trainable,
+                         default_device, expect, is_index, patch, to_device)
+from .launch import distributed_env, get_rank, get_world_size, init_distributed, process_part, side_group
 from .ckpt_format import CheckpointError, CheckpointMismatchError, check_tensors, save_state
 
 # %% auto #0
@@ -236,9 +237,14 @@ def check_stop(self: Runtime,
     "At a batch boundary: stop the fit here (raise `Interrupted`) if this process was signalled."
     if state.stop is not None: self._stop(state, state.stop)
 
+class _Agreed(LoopCancel, CancelFitException):
+    "The fit's end that the processes voted for (`cancel_fit`), raised alike in every process."
+
 @patch
 def _stop(self: Runtime, state, stop: str) -> None:
-    if stop == 'cancel': raise CancelFitException()
+    if stop == 'cancel': raise _Agreed()
+    if stop == 'mismatch': raise state.cancel_mismatch(self.rank, self.world_size, mark=self.disagreed)   # (see
+    if stop == 'timeout': raise state.cancel_mismatch(self.rank, self.world_size, waited=self.cancel_timeout)  # agree_cancel)
     state.interrupted = stop
     raise Interrupted(stop)
 
@@ -260,6 +266,14 @@ def cancel_fit(self: Runtime,
                ) -> None:
     "End the fit as `CancelFitException` does; in one process, that is raising it now."
     raise CancelFitException()
+
+# %% ../nbs/05_runtime.ipynb #d116e40e
+@patch
+def agree_cancel(self: Runtime,
+                 state,                # The learner's `RunState`
+                 cancel: Exception,    # The `Cancel...Exception` that a callback raised
+                 ) -> None:
+    "Before a callback's cancel takes effect, the processes agree on it (see `DistributedRuntime`): here, nothing to agree."
 
 # %% ../nbs/05_runtime.ipynb #d78e62e2
 @patch
@@ -359,23 +373,6 @@ def no_sync(self: Runtime,
     "A context in which backward does not all-reduce gradients (when `skip`): here, nothing to skip."
     return contextlib.nullcontext()
 
-# %% ../nbs/05_runtime.ipynb #bb9a6285
-@patch
-def vote_stop(self: Runtime,
-              local: str | None,  # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
-              training: bool,     # Whether this is a training batch (validation batches don't vote)
-              ) -> str | None:
-    "Whether every process stops at this batch boundary, given this process's pending signal: here, its own."
-    return local
-
-# %% ../nbs/05_runtime.ipynb #545f8d5d
-@patch
-def final_vote(self: Runtime,
-               local: str | None,  # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
-               ) -> str | None:
-    "The stop vote at the end of a phase (all of its pending votes included): here, this process's own."
-    return local
-
 # %% ../nbs/05_runtime.ipynb #ae517293
 @patch
 def state_dict(self: Runtime) -> dict:
@@ -445,32 +442,8 @@ def own_part(self: Runtime,
              state: dict | None,         # A training state read from a file (as `pick` returns it)
              total_steps: int | None,    # Training steps of the fit that resumes it
              ) -> dict | None:
-    """This process's part of a checkpoint's state (its random states and gradients, when several processes wrote
-    it). Written by another number of processes, the schedules follow the fraction of training done and a warning
-    says the result is not bit-exact."""
-    if state is None: return None
-    world, now = state['training'].pop('world_size', 1), self.world_size     # the result is one process's view
-    ranks = state.pop('ranks', None)
-    if ranks is not None:
-        mine = ranks[self.rank % len(ranks)]
-        state['rng'] = mine['rng']
-        state['callbacks'].update(mine.get('callbacks', {}))
-        if world == now: state['grads'] = mine['grads']
-        else:      # gradients accumulated but not yet all-reduced: their average is what the step would have used
-            names = set().union(*(r['grads'] for r in ranks))
-            state['grads'] = {n: torch.stack([r['grads'][n] for r in ranks if n in r['grads']]).mean(0) for n in names}
-    if world != now:
-        tr = state['training']
-        if tr.get('total_steps') and total_steps:
-            tr['train_iter'] = round(tr['train_iter'] / tr['total_steps'] * total_steps)
-            tr['total_steps'] = total_steps
-        pad = '' if now == 1 else f'; up to {now - 1} repeated, so that each gets as many batches'
-        if self.is_main:
-            warnings.warn(f"{state.get('path', 'the state')} was written by {world} process{'es' if world > 1 else ''} and is "
-                          f"resumed by {now}: the rest of the epoch's samples are split among the {now} (none "
-                          f"skipped{pad}), schedules follow the fraction of training done, and the result "
-                          f"is not bit-exact (resume with {world} to continue exactly)")
-    return state
+    "This process's part of a checkpoint's state (`launch.process_part`): its random states and gradients."
+    return process_part(state, total_steps, self.rank, self.world_size)
 
 # %% ../nbs/05_runtime.ipynb #173a581a
 _STOPS = (None, 'cancel', 'SIGINT', 'SIGTERM')   # the stop vote's codes; the larger code wins
@@ -581,12 +554,14 @@ class DistributedRuntime(Runtime):
 
     vote_interval = 0.25     # seconds of training between two stop votes (their period adapts to the batch time)
     max_period = 1000        # batches
+    cancel_timeout = 30.     # seconds a cancel in training waits for the other processes to vote
 
 # %% ../nbs/05_runtime.ipynb #bf6283a4
 @patch
 def vote_stop(self: DistributedRuntime,
               local: str | None,  # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
               training: bool,     # Whether this is a training batch; False (validation) returns None at once
+              tally: tuple = (0, 0),  # This process's cancels: their count, and `RunState.cancel_mark`
               ) -> str | None:
     """Every `period` training batches each process sends its pending signal (an asynchronous all-reduce on the
     CPU group) and reads the previous vote, which has long arrived: all stop at the same batch boundary, within
@@ -601,38 +576,47 @@ def vote_stop(self: DistributedRuntime,
     per_batch = (now - self._clock) / self._since
     self._since, self._clock = 0, now
     proposal = max(1, min(self.max_period, int(self.vote_interval / max(per_batch, 1e-9))))
-    flag = torch.tensor([_STOPS.index(local), proposal], dtype=torch.int64)
+    flag = torch.tensor([_STOPS.index(local), proposal, tally[0], -tally[0], tally[1]], dtype=torch.int64)  # MAX of -n: -min
     work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
     previous, self._vote = self._vote, (work, flag)
     if previous is None: return None
     previous[0].wait()
-    code, self._period = previous[1].tolist()
-    return _STOPS[code]
+    code, self._period, most, fewest, self.disagreed = previous[1].tolist()
+    return _STOPS[code] if most == -fewest else 'mismatch'    # processes that counted different cancels: an error
 
 # %% ../nbs/05_runtime.ipynb #b28f803c
 @patch
 def final_vote(self: DistributedRuntime,
-               local: str | None,  # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
+               local: str | None,             # This process's pending stop: None, 'cancel', 'SIGINT' or 'SIGTERM'
+               tally: tuple = (0, 0),         # This process's cancels: their count, and `RunState.cancel_mark`
+               timeout: float | None = None,  # Seconds to wait for the others' vote (None: as long as it takes)
                ) -> str | None:
     "The pending vote collected, then one blocking vote: the stop every process agrees on at the end of a phase."
     if self._vote is not None:
         self._vote[0].wait()
         self._vote = None
     self._since, self._period, self._clock = 0, 1, time.perf_counter()     # the next phase starts afresh
-    flag = torch.tensor([_STOPS.index(local), 1], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-    return _STOPS[int(flag[0])]
+    flag = torch.tensor([_STOPS.index(local), 1, tally[0], -tally[0], tally[1]], dtype=torch.int64)
+    work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+    try: work.wait(datetime.timedelta(seconds=timeout)) if timeout else work.wait()
+    except RuntimeError:                # gloo's "timed out": the others never came to this vote
+        if timeout: return 'timeout'
+        raise
+    code, _, most, fewest, self.disagreed = flag.tolist()
+    return _STOPS[code] if most == -fewest else 'mismatch'
 
 # %% ../nbs/05_runtime.ipynb #052d8945
 @patch
 def check_stop(self: DistributedRuntime,
-               state,                 # The learner's `RunState`
-               training: bool = True,  # Whether the batch that just ended trained
-               end: bool = False,      # At the end of a phase, or of the fit: one blocking vote
+               state,                         # The learner's `RunState`
+               training: bool = True,         # Whether the batch that just ended trained
+               end: bool = False,             # At the end of a phase, or of the fit: one blocking vote
+               timeout: float | None = None,  # With `end`: seconds to wait for the others' vote (see `agree_cancel`)
                ) -> None:
     "At a batch boundary: every process stops here if any of them was signalled (or cancelled), by a vote."
     local = state.stop or state.cancel
-    stop = self.final_vote(local) if end else self.vote_stop(local, training)
+    tally = state.cancels, state.cancel_mark(self.rank, self.world_size)
+    stop = self.final_vote(local, tally, timeout) if end else self.vote_stop(local, training, tally)
     if stop is not None: self._stop(state, stop)
 
 # %% ../nbs/05_runtime.ipynb #c55d3342
@@ -642,6 +626,21 @@ def cancel_fit(self: DistributedRuntime,
                ) -> None:
     "End the fit in every process at the same batch boundary: this process votes to cancel at the next vote."
     state.cancel = 'cancel'
+
+# %% ../nbs/05_runtime.ipynb #6bc7f1db
+@patch
+def agree_cancel(self: DistributedRuntime,
+                 state,                # The learner's `RunState`
+                 cancel: Exception,    # The `Cancel...Exception` that a callback raised
+                 ) -> None:
+    """Processes that cancel different parts of a fit leave each other waiting in their next collective. So each
+    counts the cancels its callbacks raised, every stop vote compares the counts, and a cancel votes at once (but a
+    batch's cancel in validation, which skips no collective): a difference raises `CancelMismatchError` in every
+    process. In training a lone cancel can leave the others waiting for this process's all-reduce, never voting:
+    after `cancel_timeout` seconds it says so itself."""
+    if isinstance(cancel, CancelBatchException) and not state.training: return
+    state.count_cancel(cancel)
+    self.check_stop(state, end=True, timeout=self.cancel_timeout if state.training else None)
 
 # %% ../nbs/05_runtime.ipynb #67cd1740
 @patch

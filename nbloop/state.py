@@ -10,8 +10,9 @@ from typing import Any
 
 import warnings
 
-from .core import (FitError, check_resume, expect, forward_to, get_rng_state, is_index, patch, set_rng_state,
-                         stateful)
+from .core import (CancelBatchException, CancelEpochException, CancelFitException, CancelMismatchError,
+                         CancelTrainException, CancelValidateException, FitError, check_resume, expect, forward_to,
+                         get_rng_state, is_index, patch, set_rng_state, stateful)
 
 # %% auto #0
 __all__ = ['RunState', 'RunStateView']
@@ -47,6 +48,7 @@ class RunState:
         self.row: dict = {}                                   # the current epoch's row, as the Recorder builds it
         self.last_row: dict = {}                              # the row of the epoch that just ended, final at after_epoch
         self.stop = self.cancel = None                        # a pending 'SIGINT' / 'SIGTERM'; a pending 'cancel'
+        self.cancels, self.last_cancel, self.last_kind = 0, None, 0   # cancels callbacks raised (see `count_cancel`)
         self.pending_rng = self.phase_rng = None              # see `Learner.load_state_dict` and `state_dict`
         self.pending_callbacks = None                         # a resumed fit's callback states, until `begin`
         self.pending_loads: list = []                         # (object, its state): loaded again at `begin`
@@ -212,3 +214,46 @@ def load_state_dict(self: RunState,
     self.epoch = state.get('epoch', pos['epoch'] - (pos['phase'] == 'end'))
     self.iter, self.n_iter = state.get('iter', max(pos['iter'] - 1, 0)), state.get('n_iter')
     self.training, self.epoch_done = state.get('training', pos['phase'] == 'train'), pos['phase'] == 'end'
+
+# %% ../nbs/01_state.ipynb #620f09d2
+_CANCELS = (CancelBatchException, CancelTrainException, CancelValidateException, CancelEpochException, CancelFitException)
+
+@patch
+def count_cancel(self: RunState,
+                 cancel: Exception,   # A `Cancel...Exception` that a callback raised
+                 ) -> None:
+    "Count a callback's cancel (processes compare their counts: `Runtime.agree_cancel`) and remember where it was."
+    self.cancels += 1
+    self.last_kind = next((i for i, c in enumerate(_CANCELS) if isinstance(cancel, c)), 0)
+    self.last_cancel = (f'{type(cancel).__name__} in epoch {self.epoch}, '
+                        f'{"training" if self.training else "validation"} batch {self.iter}')
+
+# %% ../nbs/01_state.ipynb #4d35c257
+@patch
+def cancel_mark(self: RunState,
+                rank: int,         # This process's rank
+                world_size: int,   # How many processes there are
+                ) -> int:
+    "This process's cancels as one number for a vote: the largest names the process with the most, and its last kind."
+    return (self.cancels * 8 + self.last_kind) * world_size + rank
+
+# %% ../nbs/01_state.ipynb #e827131a
+@patch
+def cancel_mismatch(self: RunState,
+                    rank: int,                    # The process that raises it
+                    world_size: int,              # How many processes there are
+                    mark: int | None = None,      # The largest `cancel_mark` of the vote that showed the difference
+                    waited: float | None = None,  # Seconds it waited in vain for the others' vote (instead of a mark)
+                    ) -> CancelMismatchError:
+    "The error every process raises when the processes counted different cancels (or never voted on this one's)."
+    count, kind, who = (mark or 0) // (8 * world_size), (mark or 0) // world_size % 8, (mark or 0) % world_size
+    others = (f'did not vote on it within {waited:g} s (they wait in a collective that this process left)'
+              if waited is not None else
+              f"counted another number (the most: process {who}'s {count}, the last a {_CANCELS[kind].__name__})")
+    last = f' (the last: {self.last_cancel})' if self.last_cancel else ''
+    return CancelMismatchError(
+        f"the processes disagree on a cancel: process {rank}'s callbacks raised {self.cancels} cancel(s) in this fit"
+        f"{last}, and the others {others}. A Cancel...Exception (batch, train, validate, epoch or fit) that a callback "
+        f"raises in some processes and not in the others leaves them waiting for each other forever. Raise it in every "
+        f"process at the same point, deciding from what they share (the epoch, the batch number, learn.recorder.values, "
+        f"which are synced), or end the fit in every process with learn.cancel_fit_everywhere().")

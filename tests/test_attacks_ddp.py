@@ -3,9 +3,11 @@
 Every case is a short script run with a time limit (a hang fails the test; it never waits on luck), its whole
 process group killed on the way out. The cases are those of the second reliability review that concern `launch`
 and the data of several processes: what rank 0 returns comes back whatever it holds, a DataLoader that already
-has a DistributedSampler is refused, and processes given different data fail at the fit's start, all of them,
-with a message that names the lengths.
+has a DistributedSampler is refused, processes given different data fail at the fit's start, all of them,
+with a message that names the lengths, and a cancel that a callback raises in one process alone stops every process
+in seconds with an error that names the process, the exception and `cancel_fit_everywhere` (it hung for ten minutes).
 """
+import re
 import subprocess
 import sys
 import textwrap
@@ -130,3 +132,74 @@ def test_more_threads_in_a_launched_process_is_an_error_not_a_hang():
         else: print('RAN')
     ''', timeout=120)
     assert 'REFUSED RuntimeError: torch.set_num_threads(2) in a process that launch started' in p.stdout, p.stdout + p.stderr[-2000:]
+
+
+CANCELS = '''
+    import os, time, torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from nbloop.all import Learner, Callback, GradientAccumulation
+    from nbloop.core import (CancelBatchException, CancelTrainException, CancelValidateException, CancelEpochException,
+                             CancelFitException)
+    from nbloop.runtime import DistributedRuntime
+    from nbloop.launch import launch, LaunchError
+    DistributedRuntime.cancel_timeout = 3.
+    def cancels(exc, event, at, ranks, train, every):
+        "A callback that raises `exc` at `event` of batch `at` (epoch 0, or `every` epoch) in the processes of `ranks`."
+        def maybe(self, learn):
+            if ((learn.epoch == 0 or every) and learn.iter == at and learn.training == train
+                    and int(os.environ['RANK']) in ranks): raise exc()
+        return type('Cancels', (Callback,), {event: maybe})()
+    def fit(exc, event, at, ranks, train, every_epoch, accumulate):
+        import nbloop.core as C
+        torch.manual_seed(0)
+        x, y = torch.randn(96, 4), torch.randint(0, 2, (96,))
+        cbs = [cancels(getattr(C, exc), event, at, ranks, train, every_epoch)] + ([GradientAccumulation(2)] if accumulate else [])
+        learn = Learner(torch.nn.Linear(4, 2), DataLoader(TensorDataset(x[:64], y[:64]), batch_size=8, shuffle=True),
+                        DataLoader(TensorDataset(x[64:], y[64:]), batch_size=8), device='cpu', cbs=cbs,
+                        path=os.environ['OUT'])
+        with learn.no_bar(): learn.fit(2)
+        return learn.runtime.gather((learn.train_iter, len(learn.recorder.history)))
+    t = time.perf_counter()
+    try: got = launch(fit, 2, *ARGS, timeout=150)
+    except LaunchError as e: print('FAILED', time.perf_counter() - t); print(str(e))
+    else: print('FITTED', got)
+'''
+
+
+def cancels(tmp_path, *args) -> subprocess.CompletedProcess:
+    return run_script(CANCELS.replace('ARGS', repr(args)).replace("os.environ['OUT']", repr(str(tmp_path))), timeout=240)
+
+
+@pytest.mark.parametrize('exc, event, at, ranks, train', [
+    ('CancelEpochException', 'after_batch', 2, [1], True),      # the attack: hung until gloo's 10-minute timeout
+    ('CancelFitException', 'after_batch', 3, [1], True),        # the attack: "remote worker crashing", nothing else
+    ('CancelTrainException', 'before_batch', 1, [0], True),
+    ('CancelValidateException', 'after_batch', 1, [1], False),
+    ('CancelEpochException', 'after_loss', 0, [0], False),
+])
+def test_a_cancel_in_one_process_fails_fast_everywhere_and_says_why(tmp_path, exc, event, at, ranks, train):
+    p = cancels(tmp_path, exc, event, at, ranks, train, False, False)
+    assert 'FAILED' in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    for part in ('CancelMismatchError: the processes disagree on a cancel', exc, 'learn.cancel_fit_everywhere()'):
+        assert part in p.stdout, (part, p.stdout[-3000:])
+    assert re.search(f"process {ranks[0]}'s (callbacks raised )?1", p.stdout), p.stdout[-3000:]   # which one cancelled
+    assert float(p.stdout.split('FAILED')[1].split()[0]) < 60          # seconds, not gloo's ten minutes
+
+
+def test_a_lone_cancel_before_backward_fails_after_the_timeout(tmp_path):
+    "The others wait in the skipped backward's all-reduce and never vote: the process that cancelled says so."
+    p = cancels(tmp_path, 'CancelBatchException', 'after_pred', 2, [1], True, False, False)
+    assert 'FAILED' in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "process 1's callbacks raised 1 cancel(s)" in p.stdout and 'did not vote on it within 3 s' in p.stdout, p.stdout[-3000:]
+
+
+@pytest.mark.parametrize('exc, event, at, ranks, train, every, accumulate, expected', [
+    ('CancelTrainException', 'before_batch', 3, [0, 1], True, True, False, [(6, 2), (6, 2)]),   # both, every epoch
+    ('CancelBatchException', 'after_pred', 2, [0, 1], True, True, True, [(8, 2), (8, 2)]),    # both, accumulating
+    ('CancelBatchException', 'after_pred', 1, [1], False, False, False, [(8, 2), (8, 2)]),   # one, in validation
+    ('CancelFitException', 'after_batch', 1, [0, 1], True, False, False, [(2, 0), (2, 0)]),     # both: the fit ends
+])
+def test_cancels_that_every_process_agrees_on_still_work(tmp_path, exc, event, at, ranks, train, every, accumulate,
+                                                        expected):
+    p = cancels(tmp_path, exc, event, at, ranks, train, every, accumulate)
+    assert f'FITTED {expected}' in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
