@@ -38,7 +38,7 @@ BUILD = ROOT / '_build'
 STAGE = BUILD / 'nbs'
 PROC = ROOT / '_proc'
 SITE = ROOT / '_docs'
-CELL_TIMEOUT = 300
+CELL_TIMEOUT = 1200    # a hang guard, not a speed goal: the longest cell takes about a minute alone, several times that on loaded cores
 SKIP_FLAGS = {'slow', 'cuda', 'notest'}
 DIRECTIVE = re.compile(r'^\s*#\|\s*([\w-]+)\s*:?\s*(.*)$')
 
