@@ -109,13 +109,15 @@ class Schedule:
                                         '(the training dataloader has no len()); give every segment steps=')
                 steps = last_step - s
                 if steps <= 0:
-                    raise ScheduleError(f'the segments before the last take {s} steps, but training has only '
-                                        f'{total_steps} steps (0..{last_step}): nothing is left for the last segment')
+                    raise ScheduleError(f'the segments before the last end at step {s}, but the last of training\'s '
+                                        f'{total_steps} steps is step {last_step}: nothing is left for the last segment')
             if not isinstance(steps, int) or steps < 0:
                 raise ScheduleError(f'segment {i} has steps={steps!r}; steps must be a whole number >= 0')
             if last_step is not None and s + steps > last_step:
-                raise ScheduleError(f'the segments take {s + steps} steps, but training has only {total_steps} steps '
-                                    f'(0..{last_step}); shorten the segments or train longer')
+                raise ScheduleError(f'the segments end at step {s + steps}, but the last of training\'s {total_steps} '
+                                    f'steps is step {last_step} (a segment of n steps runs from its first step to n '
+                                    f'steps later, so {total_steps} steps hold segments of {last_step} steps in all); '
+                                    f'shorten the segments by {s + steps - last_step} or train longer')
             pieces.append((s, steps, seg.shape, start, end))
             s, prev_end = s + steps, end
         self._pieces, self.total_steps = pieces, total_steps
