@@ -227,25 +227,25 @@ class Table(list):
 
 # %% ../nbs/11_checkpoint.ipynb #aa4dd27b
 def compare_checkpoints(learn: Learner,                   # The learner that evaluates them; it is left as it was
-                        dir: str | Path = 'checkpoints',  # The checkpoint folder; a relative one is under `learn.path`
-                        run: str | None = None,           # The run to compare (its id); None: the newest checkpoint's
+                        dir: str | Path = 'checkpoints',  # The folder: a bare name is under `learn.path`, a path is itself
+                        run: str | None = None,           # One run's (its id); None: every run's, grouped by run
                         ) -> tuple[Table, Figure]:
-    "Evaluate a run's kept checkpoints (default: the newest run's) on the validation set: a table and a plot."
-    folder = Path(dir) if Path(dir).is_absolute() else learn.path / dir
+    "Evaluate a folder's kept checkpoints (every run's, the newest run last, or one run's) on the validation set."
+    p = Path(dir)         # as `learn.load` and `list_checkpoints` take it: 'runs/a/checkpoints' is from the working dir
+    folder = learn.path / p if p.parent == Path('.') and not str(dir).startswith(('.', '/')) else p
     kept = set(list_checkpoints(folder))
-    files = [f for f in scan_checkpoints(folder) if f.path in kept]
-    if not files: raise FileNotFoundError(f'no checkpoints in {folder}')
-    if run is None: run = next((f.run for f in reversed(files) if f.problem is None), files[-1].run)
-    paths = [f.path for f in files if f.run == run]
+    files = [f for f in scan_checkpoints(folder) if f.path in kept and run in (None, f.run)]
+    if not files: raise FileNotFoundError(f'no checkpoints in {folder}' + (f' of run {run}' if run else ''))
     best = folder / 'best.safetensors'
     try: best_run = checkpoint_info(best)['run'] if best.is_file() else False
     except CheckpointError: best_run = False
-    if best_run == run: paths.append(best)
+    runs = list(dict.fromkeys(f.run for f in files))          # oldest first, as `scan_checkpoints` orders them
+    paths = [(r, q) for r in runs for q in [f.path for f in files if f.run == r] + ([best] if best_run == r else [])]
     saved, values = copy.deepcopy(learn.state_dict()), learn.recorder.values
     rows = Table()
     try:
         with learn.no_bar():
-            for p in paths:
+            for r, p in paths:
                 try:
                     state = load_state(p)
                     try: check_tensors(state.get('model'), 'model')
@@ -258,15 +258,18 @@ def compare_checkpoints(learn: Learner,                   # The learner that eva
                 pos = tr.get('position') if isinstance(tr.get('position'), dict) else {}
                 epoch = pos.get('epoch', 0) - (1 if pos.get('phase') == 'end' else 0) if pos else None
                 res = learn.validate()
-                rows.append({'file': p.name, 'step': tr.get('train_iter'), 'epoch': epoch, **res})
+                rows.append({**({'run': r} if len(runs) > 1 else {}), 'file': p.name, 'step': tr.get('train_iter'),
+                             'epoch': epoch, **res})
     finally:
         learn.load_state_dict(saved)
         learn.recorder.values = values
     fig = new_figure(figsize=(6, 4), layout='constrained')
     ax = fig.subplots()
-    plotted = [r for r in rows if r['file'] != 'best.safetensors']
-    for k in [c for c in rows.columns() if c not in ('file', 'step', 'epoch')]:
-        ax.plot([r['step'] for r in plotted], [r[k] for r in plotted], 'o-', label=k)
+    for r in runs:               # one line per metric and run
+        plotted = [row for row in rows if row['file'] != 'best.safetensors' and row.get('run', r) == r]
+        for k in [c for c in rows.columns() if c not in ('run', 'file', 'step', 'epoch')]:
+            ax.plot([row['step'] for row in plotted], [row[k] for row in plotted], 'o-',
+                    label=f'{k} ({r})' if len(runs) > 1 else k)
     ax.set_xlabel('training step'); ax.legend()
     return rows, fig
 

@@ -15,9 +15,9 @@ promises asserted, never just "it did not crash":
   when the folder holds several;
 - optimizer mismatches, temporary file names, the checkpoint folder, the `resume` argument, and memory use.
 
-It tries 323 attacks: 86 crafted files read directly and 85 of them again through `resume='last'`, 52 training
-states of the wrong structure both ways, and 48 more on runs (a clock set back, two runs in one folder, a folder
-of other runs' files), optimizers, temporary files, the folder, the `resume` argument, memory and state at the
+It tries 324 attacks: 86 crafted files read directly and 85 of them again through `resume='last'`, 52 training
+states of the wrong structure both ways, and 49 more on runs (a clock set back, two runs in one folder, a folder
+of other runs' files, compare_checkpoints over several runs and from the working directory), optimizers, temporary files, the folder, the `resume` argument, memory and state at the
 end of an event. Every shipped stateful callback has
 `check_state_dict`, so a callback state of the wrong structure is found before anything loads.
 
@@ -590,7 +590,8 @@ def test_run_ids_do_not_come_from_the_seeded_generators(tmp_path):
     assert ids[0] != ids[1]
 
 
-def test_best_and_compare_follow_the_newest_run(tmp_path):
+def test_best_follows_the_newest_run_and_compare_shows_every_run(tmp_path):
+    "compare_checkpoints showed only the newest fit's checkpoints, silently: now every run's, grouped, the newest last."
     folder = tmp_path / 'checkpoints'
     old = make(tmp_path); quiet_fit(old, 2)
     new = make(tmp_path); quiet_fit(new, 1)
@@ -599,8 +600,22 @@ def test_best_and_compare_follow_the_newest_run(tmp_path):
     with redirect_stdout(io.StringIO()):
         table, _ = compare_checkpoints(new)
         old_table, _ = compare_checkpoints(new, run=old_run)
-    assert [r['file'] for r in table] == [p.name for p in list_checkpoints(folder, run=new_run)] + ['best.safetensors']
+        new_table, _ = compare_checkpoints(new, run=new_run)
+    assert [(r['run'], r['file']) for r in table] == (
+        [(old_run, p.name) for p in list_checkpoints(folder, run=old_run)]
+        + [(new_run, p.name) for p in list_checkpoints(folder, run=new_run)] + [(new_run, 'best.safetensors')])
     assert [r['file'] for r in old_table] == [p.name for p in list_checkpoints(folder, run=old_run)]
+    assert [r['file'] for r in new_table] == [p.name for p in list_checkpoints(folder, run=new_run)] + ['best.safetensors']
+
+
+def test_compare_checkpoints_takes_a_path_from_the_working_directory(tmp_path, monkeypatch):
+    "compare_checkpoints(learn, 'runs/ddp/checkpoints') looked in runs/single/runs/ddp/checkpoints."
+    monkeypatch.chdir(tmp_path)
+    ddp = make(tmp_path / 'runs' / 'ddp'); quiet_fit(ddp, 1)
+    single = make(Path('runs') / 'single')
+    with redirect_stdout(io.StringIO()):
+        table, _ = compare_checkpoints(single, 'runs/ddp/checkpoints')
+    assert [r['file'] for r in table] == [p.name for p in list_checkpoints(tmp_path / 'runs' / 'ddp' / 'checkpoints')] + ['best.safetensors']
 
 
 # -- 5. another optimizer --------------------------------------------------------------------------------------------
