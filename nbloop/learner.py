@@ -30,7 +30,7 @@ from .ckpt_format import (FORMAT_VERSION, check_model_fits, check_optimizer_fits
 from .runtime import make_runtime, runtime_settings
 from .metrics import Recorder
 from .progress import ProgressCallback
-from .schedule import LRFinder, LRFindResult, LRScheduler, has_momentum, one_cycle_schedules
+from .schedule import LRFinder, LRFindResult, LRScheduler, one_cycle_callbacks
 
 # %% auto #0
 __all__ = ['Learner', 'synth_data', 'synth_learner', 'weights_state', 'load_weights']
@@ -384,7 +384,8 @@ def _read_resume(self: Learner, resume: str | Path) -> dict | None:
 @patch
 def fit_one_cycle(self: Learner,
                   n_epochs: int,                     # How many epochs to train; `train_dl` must have a len()
-                  lr_max: float,                     # The peak learning rate, reached after `pct_start` of training
+                  lr_max: float | Sequence[float] | slice | None = None,  # The peak rate: one, one per param group, a
+                                                     # slice(lo, hi) spread over the groups; None: each group's own
                   div: float = 25.,                  # The rate starts at `lr_max / div`
                   div_final: float = 1e5,            # The rate ends at `lr_max / div_final`
                   pct_start: float = 0.25,           # Fraction of the training steps spent warming up, in [0, 1)
@@ -392,13 +393,12 @@ def fit_one_cycle(self: Learner,
                   cbs: Sequence = (),                # Callbacks added for this call only
                   resume: str | Path | None = None,  # None, 'last' (the newest checkpoint) or a checkpoint path
                   ) -> None:
-    "Train with the one-cycle policy: cosine warm-up to `lr_max`, cosine annealing; momentum the opposite way."
+    "Train with the one-cycle policy: cosine warm-up to `lr_max` (per param group), cosine annealing; momentum the opposite way."
     self.state.check_fit(n_epochs, resume)
     n = batches_per_epoch(self.train_dl, self.runtime)
     if n is None: raise TypeError('fit_one_cycle needs len(train_dl) to lay out the cycle; this train_dl has no len()')
-    lr_sched, mom_sched = one_cycle_schedules(max(n * n_epochs, 1), lr_max, div, div_final, pct_start, moms)
-    momentum = [LRScheduler(mom_sched, 'momentum')] if has_momentum(self.opt.param_groups[0]) else []
-    self._fit(n_epochs, resume, 'fit_one_cycle', [LRScheduler(lr_sched, 'lr'), *momentum, *cbs])
+    schedulers = one_cycle_callbacks(self.opt, max(n * n_epochs, 1), lr_max, div, div_final, pct_start, moms, self.runtime.say)
+    self._fit(n_epochs, resume, 'fit_one_cycle', [*schedulers, *cbs])
 
 # %% ../nbs/09_learner.ipynb #5f2b1c6a
 @patch

@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 
 # %% auto #0
 __all__ = ['linear', 'cosine', 'exponential', 'constant', 'ScheduleError', 'ScheduleSegment', 'Schedule', 'make_schedule',
-           'get_hyper', 'set_hyper', 'has_momentum', 'LRScheduler', 'one_cycle_schedules', 'smooth', 'LRFinder',
-           'suggest_valley', 'suggest_steep', 'suggest_minimum', 'LRFindResult']
+           'get_hyper', 'set_hyper', 'has_momentum', 'LRScheduler', 'one_cycle_schedules', 'group_rates',
+           'one_cycle_callbacks', 'smooth', 'LRFinder', 'suggest_valley', 'suggest_steep', 'suggest_minimum',
+           'LRFindResult']
 
 # %% ../nbs/08_schedule.ipynb #aa22f766
 def linear(start: float,   # The value at `pct=0`
@@ -188,8 +189,9 @@ class LRScheduler(Callback):
     def __init__(self,
                  schedule: Schedule | Callable[[int], float],   # A `Schedule`, or a function `f(step) -> value`
                  param: str = 'lr',                             # The hyper-parameter to set, as `get_hyper` names it
-                 ):
-        self.schedule, self.param = schedule, param
+                 ratios: Sequence[float] | None = None,         # Each group's value as a multiple of the schedule's;
+                 ):                                             # None: the groups' own ratios to the first, at before_fit
+        self.schedule, self.param, self._given = schedule, param, None if ratios is None else [float(r) for r in ratios]
         self.ratios: list[float] | None = None
 
     @property
@@ -198,7 +200,9 @@ class LRScheduler(Callback):
     def before_fit(self, learn):
         if isinstance(self.schedule, Schedule): self.schedule.resolve(learn.total_steps)
         base = [get_hyper(g, self.param) for g in learn.opt.param_groups]
-        self.ratios = [1.0 if i == 0 or base[0] == 0 else b / base[0] for i, b in enumerate(base)]
+        self.ratios = self._given or [1.0 if i == 0 or base[0] == 0 else b / base[0] for i, b in enumerate(base)]
+        if len(self.ratios) != len(base):
+            raise ScheduleError(f'{len(self.ratios)} ratios for the {len(base)} parameter groups of the optimizer; give one per group')
 
     def before_batch(self, learn):
         if not learn.training: return
@@ -234,6 +238,50 @@ def one_cycle_schedules(total_steps: int,          # Training steps of the whole
     mom = make_schedule([ScheduleSegment(cosine, start=moms[0], end=moms[1], steps=warm),
                          ScheduleSegment(cosine, end=moms[2])])
     return lr, mom
+
+# %% ../nbs/08_schedule.ipynb #28811844
+def group_rates(lr: float | Sequence[float] | slice | None,   # What to spread over the groups (see above)
+                groups: Sequence[dict],                         # The optimizer's param groups (their 'lr' for None)
+                say: Callable[[str], None] | None = None,       # Where a note goes (the learner's `runtime.say`)
+                ) -> list[float]:
+    "One learning rate per parameter group, from one number, one per group, a `slice(lo, hi)`, or None (their own)."
+    n, own = len(groups), [g.get('initial_lr', g['lr']) for g in groups]
+    if lr is None: rates = own
+    elif isinstance(lr, slice):
+        if lr.step is not None: raise ValueError(f'lr_max={lr!r}: a slice of rates is slice(lo, hi) or slice(hi), without a step')
+        lo, hi = lr.start, lr.stop
+        check_number(hi, 'lr_max.stop')
+        if lo is not None: check_number(lo, 'lr_max.start')
+        rates = ([hi / 10] * (n - 1) + [hi] if lo is None else
+                 [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)] if n > 1 else [hi])
+    elif isinstance(lr, (list, tuple)):
+        if len(lr) != n: raise ValueError(f'lr_max has {len(lr)} rates for the {n} parameter groups: give one per '
+                                          f'group, one number for all, or a slice(lo, hi) to spread them')
+        rates = list(lr)
+    else: rates = [lr] * n
+    for r in rates: check_number(r, 'lr_max')
+    if say is not None and len(set(own)) > 1 and (lr is None or not isinstance(lr, (slice, list, tuple))):
+        say(f"note: the {n} parameter groups peak at {', '.join(f'{r:g}' for r in rates)}" +
+            ('' if lr is None else f" (they had {', '.join(f'{r:g}' for r in own)}; give lr_max a sequence or a slice "
+                                   f"for one rate per group)"))
+    return rates
+
+# %% ../nbs/08_schedule.ipynb #40db09a0
+def one_cycle_callbacks(opt: torch.optim.Optimizer,   # The optimizer whose groups the schedules drive
+                        total_steps: int,             # Training steps of the whole run
+                        lr_max: float | Sequence[float] | slice | None,   # Peak rates, as `group_rates` reads them
+                        div: float = 25.,             # Each rate starts at its peak / `div`
+                        div_final: float = 1e5,       # ... and ends at its peak / `div_final`
+                        pct_start: float = 0.25,      # The fraction of the steps spent warming up, in [0, 1)
+                        moms: tuple[float, float, float] = (0.95, 0.85, 0.95),  # Momentum (or beta1): start, peak, end
+                        say: Callable[[str], None] | None = None,   # Where `group_rates` says a note
+                        ) -> list[Callback]:
+    "The `LRScheduler`s of a one-cycle fit: one per hyper-parameter, every parameter group at its own peak rate."
+    for g in opt.param_groups: g.setdefault('initial_lr', g['lr'])   # each group's own rate, kept for the next fits
+    rates = group_rates(lr_max, opt.param_groups, say)
+    lr, mom = one_cycle_schedules(total_steps, rates[0], div, div_final, pct_start, moms)
+    momentum = [LRScheduler(mom, 'momentum')] if has_momentum(opt.param_groups[0]) else []
+    return [LRScheduler(lr, 'lr', [r / rates[0] for r in rates]), *momentum]
 
 # %% ../nbs/08_schedule.ipynb #338b4d33
 def smooth(values: Sequence[float],   # The series to smooth, e.g. raw losses

@@ -472,3 +472,38 @@ def test_a_torch_scheduler_made_in_before_fit_resumes_exactly(tmp_path):
     assert resumed.resumed_from is not None
     assert resumed.opt.param_groups[0]['lr'] == ref.opt.param_groups[0]['lr']
     assert_same_run(resumed, ref)
+
+
+# -- issue 17: fit_one_cycle gives every parameter group the peak it was given --------------------------------------
+class GroupRates(Callback):
+    "Every param group's learning rate at each optimizer step."
+    def before_fit(self, learn): self.seen = []
+    def before_step(self, learn): self.seen.append([g['lr'] for g in learn.opt.param_groups])
+
+
+def body_and_head():
+    "A pretrained body at 1e-4 and a new head at 1e-3, as a fine-tuner sets them."
+    train, valid = synth_data(96, 4, 3, 16, 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = lambda params, lr: torch.optim.AdamW([{'params': model[0].parameters(), 'lr': 1e-4},
+                                               {'params': model[2].parameters(), 'lr': 1e-3}], lr=lr)
+    return Learner(model, train, valid, loss_func=F.cross_entropy, opt_func=opt, device='cpu')
+
+
+@pytest.mark.parametrize('lr_max, peaks', [([1e-4, 1e-3], [1e-4, 1e-3]), (slice(1e-4, 1e-3), [1e-4, 1e-3]),
+                                           (None, [1e-4, 1e-3]), (1e-3, [1e-3, 1e-3]), (slice(1e-3), [1e-4, 1e-3])])
+def test_fit_one_cycle_peaks_each_param_group_where_it_was_told(lr_max, peaks):
+    "The attack: with lr_max=1e-3 the head (set at 1e-3) peaked at 1e-2, the first group's peak times its ratio."
+    learn, out = body_and_head(), io.StringIO()
+    with learn.no_bar(), redirect_stdout(out): learn.fit_one_cycle(2, lr_max, cbs=[rates := GroupRates()])
+    got = [max(r[i] for r in rates.seen) for i in range(2)]
+    assert got == pytest.approx(peaks, rel=1e-9), got
+    if lr_max is None or lr_max == 1e-3: assert 'note: the 2 parameter groups peak at' in out.getvalue()   # said
+    else: assert 'note:' not in out.getvalue()
+
+
+def test_fit_one_cycle_refuses_rates_that_do_not_fit_the_groups():
+    learn = body_and_head()
+    with pytest.raises(ValueError, match='lr_max has 3 rates for the 2 parameter groups'): learn.fit_one_cycle(1, [1e-4, 1e-3, 1e-2])
+    with pytest.raises(ValueError, match='must be a positive number'): learn.fit_one_cycle(1, slice(0, 1e-3))
