@@ -264,12 +264,12 @@ def get_preds(self: Learner,
 # %% ../nbs/09_learner.ipynb #53eee972
 @patch
 def predict(self: Learner,
-            x: Any,  # A batch of inputs (`x[None]` for one example), or a tuple of them for several model inputs
+            x: Any,  # A batch of inputs (`x[None]` for one example), or a tuple or list of them for several inputs
             ) -> Any:
-    "The model's output on `x` as given (a batch; use `x[None]` for one example; a tuple feeds several inputs), in eval mode, without gradients."
+    "The model's output on `x` as given (a batch; use `x[None]` for one example; a tuple or list feeds several inputs), in eval mode, without gradients."
     was_training = self.model.training
     self.model.eval()
-    xs = self.runtime.to_device(x) if isinstance(x, tuple) else (self.runtime.to_device(x),)
+    xs = self.runtime.to_device(x) if isinstance(x, (tuple, list)) else (self.runtime.to_device(x),)
     try:
         with torch.no_grad(), self.runtime.autocast(): return self.model(*xs)
     finally: self.model.train(was_training)
