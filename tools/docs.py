@@ -16,7 +16,8 @@
    build. Each notebook's wall time goes to `_build/timings.json`.
 3. nbdev's own processors make the pages (`_proc/`): an export cell's source (its imports too) leaves the page,
    and the `show_doc` of each name it exports, added in step 2 before the notebook ran, shows the signature, the
-   docstring and a parameter table; `#| hide` cells go.
+   docstring and a parameter table; `#| hide` cells go. Outputs lose the building machine's paths (a warning's
+   file and line, temporary folders, the checkout): a page shows only what its prose explains.
 4. With Quarto installed, `quarto render` renders `_proc/`, as `nbdev_docs` does; without it, `smalldocs render
    _proc` renders the same `_quarto.yml` (pure Python), and nbdev's links to a name's page are made relative.
    Either way the site lands in `_docs/`.
@@ -286,6 +287,29 @@ def write_back(executed: Path, original: Path) -> None:
     nbformat.write(nb, original)
 
 
+_MACHINE = (   # what a page must not show of the machine that built it
+    (re.compile(r'(?m)^[^\s:]*?(?:\.py|<ipython-input-[\w-]+>):\d+: (\w*Warning: .*)\n(?:  +\S.*\n)?'), r'\1\n'),
+    (re.compile(r'(?:/private)?/tmp/tmp\w+/'), ''),          # a notebook's temporary folder: tempfile.mkdtemp()
+    (re.compile(re.escape(str(ROOT)) + r'/'), ''),            # the checkout
+)
+
+
+def without_machine_paths(text: str) -> str:
+    """An output's text as a page shows it: a warning without the file and line that raised it (nor the source line
+    Python prints under it), paths without the notebook's temporary folder or the checkout they lie in."""
+    for pattern, repl in _MACHINE: text = pattern.sub(repl, text)
+    return text
+
+
+def clean_outputs(cell: dict) -> None:
+    "Take the building machine's paths out of a processed cell's text outputs (streams, text, HTML, markdown)."
+    for o in cell.get('outputs', []):
+        if 'text' in o: o['text'] = without_machine_paths(''.join(o['text']) if isinstance(o['text'], list) else o['text'])
+        for kind in ('text/plain', 'text/html', 'text/markdown'):
+            v = o.get('data', {}).get(kind)
+            if v is not None: o['data'][kind] = without_machine_paths(''.join(v) if isinstance(v, list) else v)
+
+
 def render() -> None:
     """Steps 3 and 4: nbdev's processors into `_proc/`, then `quarto render` there as `nbdev_docs` does, or smalldocs.
     (`nbdev_docs` itself would also rewrite README.md with Quarto, which `make readme` writes in its own way.)"""
@@ -300,6 +324,7 @@ def render() -> None:
         data = json.loads(nb.read_text())
         for i, cell in enumerate(data['cells']):
             cell.setdefault('id', f'nbloop-proc-{i}')    # nbdev's processors add cells (around show_doc) without ids
+            clean_outputs(cell)
             src = ''.join(cell.get('source', ''))
             m = None if quarto else re.search(r'output-file: ([\w.-]+)\.html\n?', src)
             if m:
