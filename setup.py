@@ -31,7 +31,7 @@ setuptools.setup(
         'Natural Language :: ' + cfg['language'].title(),
         'License :: ' + license_classifier,
     ] + ['Programming Language :: Python :: ' + v for v in py_versions[py_versions.index(min_python):]],
-    packages=setuptools.find_packages(include=['nbloop', 'nbloop.*']),
+    packages=setuptools.find_namespace_packages(include=['nbloop', 'nbloop.*']),   # nbloop.assets: data, no __init__
     package_data={'nbloop': ['assets/*']},
     include_package_data=True,
     python_requires='>=' + min_python,
