@@ -1,6 +1,8 @@
 """The README's examples run as written: every ```python block of README.md, in order, in one fresh process.
 
-The blocks share one namespace, as they would pasted one after another into a notebook or a script. They run
+Each block runs on its own, in a namespace of its own, as a reader pastes one of them into a fresh notebook: every
+block has its imports. A block that resumes must really continue a run (not start afresh, not be refused, not find
+"nothing left to train"). They run
 offline (the digits data are bundled) in a temporary working directory, so the checkpoints and CSV the example
 writes don't land in the repository. Commands meant for a shell are ```sh blocks and are not run here.
 """
@@ -18,14 +20,18 @@ PYTHON_BLOCK = re.compile(r'^```python\n(.*?)^```\s*$', re.MULTILINE | re.DOTALL
 
 # Runs each block; a block that resumes must really have resumed (not started afresh, not been refused).
 RUNNER = textwrap.dedent('''
-    import json, sys, traceback
+    import json, sys, traceback, warnings
     blocks = json.load(open(sys.argv[1]))
-    ns = {'__name__': '__main__'}
     for i, src in enumerate(blocks, 1):
+        ns = {'__name__': '__main__'}                  # each block on its own
         try:
-            exec(compile(src, f'README.md python block {i}', 'exec'), ns)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter('always')
+                exec(compile(src, f'README.md python block {i}', 'exec'), ns)
+            for w in seen: print(f'block {i} warned: {w.message}', file=sys.stderr)
             if "resume='last'" in src:
                 assert ns['learn'].resumed_from is not None, f"block {i} called resume='last' but nothing was resumed"
+                assert not any('nothing left to train' in str(w.message) for w in seen), f"block {i} resumed a finished run"
         except BaseException:
             print(f'README.md python block {i} of {len(blocks)} failed:\\n{src}', file=sys.stderr)
             traceback.print_exc()
