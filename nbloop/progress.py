@@ -27,9 +27,10 @@ def format_row(values: list,   # One row's cells: floats get 4 decimals (or 'nan
     return out
 
 # %% ../nbs/07_progress.ipynb #ca2efec6
-def format_time(seconds: float,   # A duration in seconds, rounded to whole seconds
+def format_time(seconds: float,   # A duration in seconds
                 ) -> str:
-    "Seconds as `m:ss` (or `h:mm:ss`)."
+    "Under a minute, seconds (`0.43s`, `7.4s`: a fast epoch is not `00:00`); else `mm:ss` (or `h:mm:ss`)."
+    if seconds < 59.95: return f'{seconds:.2f}s' if seconds < 0.995 else f'{seconds:.1f}s'
     s = int(round(seconds))
     h, m, s = s // 3600, s // 60 % 60, s % 60
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
