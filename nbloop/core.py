@@ -543,11 +543,11 @@ def as_classes(pred: torch.Tensor,   # The model's output for a batch
     if targ.is_floating_point() and targ.shape == pred.shape and pred.ndim > 1 and _is_loss(loss_func, _CLASS_SCORES):
         return pred, targ.argmax(dim=-1)
     binary = pred.shape == targ.shape or pred.shape == (*targ.shape, 1)
-    if check and binary and not _is_loss(loss_func, _LOGITS) and pred.numel() and bool(pred.min() >= 0) and bool(pred.max() <= 1):
-        name = getattr(loss_func, '__name__', type(loss_func).__name__)
-        warnings.warn(f"every prediction of this batch lies in [0, 1], but metrics that read classes read binary "
-                      f"predictions as logits (class 1 above 0), and the loss ({name}) does not say otherwise. If the model outputs probabilities, train it with nn.BCELoss or "
-                      f"F.binary_cross_entropy (read above 0.5), or output logits with nn.BCEWithLogitsLoss.")
+    if check and binary and not _is_loss(loss_func, _LOGITS) and pred.numel() and bool(((pred >= 0) & (pred <= 1)).all()):
+        name = getattr(loss_func, '__name__', type(loss_func).__name__)   # (one sync, on an epoch's first batch)
+        warnings.warn(f"every prediction of this batch lies in [0, 1], but metrics read binary predictions as logits "
+                      f"(class 1 above 0) unless the loss ({name}) says otherwise. If the model outputs probabilities, "
+                      f"train with nn.BCELoss or F.binary_cross_entropy (read above 0.5), or output logits instead.")
     return pred, targ
 
 # %% ../nbs/00_core.ipynb #e41f0b6a

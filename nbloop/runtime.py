@@ -243,8 +243,8 @@ class _Agreed(LoopCancel, CancelFitException):
 @patch
 def _stop(self: Runtime, state, stop: str) -> None:
     if stop == 'cancel': raise _Agreed()
-    if stop == 'mismatch': raise state.cancel_mismatch(self.rank, self.world_size, mark=self.disagreed)   # (see
-    if stop == 'timeout': raise state.cancel_mismatch(self.rank, self.world_size, waited=self.cancel_timeout)  # agree_cancel)
+    if stop == 'mismatch': raise state.cancel_mismatch(self.rank, self.world_size, mark=self.disagreed)   # the cancels
+    if stop == 'timeout': raise state.cancel_mismatch(self.rank, self.world_size, waited=self.cancel_timeout)  # differ
     state.interrupted = stop
     raise Interrupted(stop)
 
