@@ -27,7 +27,8 @@ from .data import (BatchError, EmptyDataError, EpochPlan, batches_per_epoch, che
 from .ckpt_format import (FORMAT_VERSION, check_model_fits, check_optimizer_fits, check_optimizer_state,
                                 check_state_fits, check_tensors, check_training_state, checkpoint_path, find_checkpoint,
                                 load_model_state, load_state, optimizer_class, read_training_state, unusable)
-from .runtime import make_runtime, runtime_settings
+from .runtime import runtime_settings
+from .distributed import make_runtime
 from .metrics import Recorder
 from .progress import ProgressCallback
 from .schedule import LRFinder, LRFindResult, LRScheduler, one_cycle_callbacks

@@ -121,7 +121,7 @@ def main(argv=None) -> dict | None:
     args = ap.parse_args(argv)
     if args.audit: audit(args.root, args.audit)
     if args.vote_every_batch:
-        from nbloop.runtime import DistributedRuntime
+        from nbloop.distributed import DistributedRuntime
         DistributedRuntime.vote_interval = 0.
     rank = int(os.environ.get('RANK', 0))
     torch.manual_seed(0)                            # the same model everywhere

@@ -140,7 +140,7 @@ CANCELS = '''
     from nbloop.all import Learner, Callback, GradientAccumulation
     from nbloop.core import (CancelBatchException, CancelTrainException, CancelValidateException, CancelEpochException,
                              CancelFitException)
-    from nbloop.runtime import DistributedRuntime
+    from nbloop.distributed import DistributedRuntime
     from nbloop.launch import launch, LaunchError
     DistributedRuntime.cancel_timeout = 3.
     def cancels(exc, event, at, ranks, train, every):
