@@ -114,10 +114,13 @@ class EmptyDataError(ValueError):
     "A dataloader yielded no batches."
 
 # %% ../nbs/02_data.ipynb #4e2b7a90
-def check_dataloader(dl: Any,   # What was given as a dataloader
-                     name: str,  # Its argument's name, for the message
+def check_dataloader(dl: Any,                # What was given as a dataloader
+                     name: str,               # Its argument's name, for the message
+                     optional: bool = False,  # None is allowed (no such data, e.g. no validation)
                      ) -> None:
-    "Raise `TypeError` unless `dl` is an iterable of batches that can be iterated again every epoch."
+    "Raise `TypeError` unless `dl` is an iterable of batches that can be iterated again every epoch (or None if `optional`)."
+    if dl is None and optional: return
+    if dl is None: raise TypeError(f'{name} is required: an iterable of (x, y) batches')
     if not hasattr(dl, '__iter__'):
         raise TypeError(f'{name} must be an iterable of batches (a DataLoader, a list of (x, y) tuples, ...); '
                         f'got {describe(dl)}')

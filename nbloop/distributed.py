@@ -36,6 +36,10 @@ def _ddp_of(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel
         if isinstance(m, torch.nn.parallel.DistributedDataParallel): return m
     return None
 
+def _trainable(model: torch.nn.Module) -> tuple[bool, ...]:
+    "Which of the model's parameters train (`requires_grad`), in order."
+    return tuple(p.requires_grad for p in model.parameters())
+
 def _cpu(part: dict) -> dict:
     "A process's part of a checkpoint, its gradients on the CPU (to travel between processes)."
     return {**part, 'grads': {n: g.cpu() for n, g in part['grads'].items()}}
@@ -59,6 +63,7 @@ class DistributedRuntime(Runtime):
         if self.device.type == 'cuda': torch.cuda.set_device(self.device)
         self.group = side_group()
         self._vote, self._since, self._period, self._clock = None, 0, 1, time.perf_counter()
+        self._prepared = (False, None)      # how the model was prepared: compiled?, which parameters trained
 
     @property
     def rank(self) -> int: return dist.get_rank()
@@ -76,8 +81,14 @@ class DistributedRuntime(Runtime):
         if self.world_size > 1 and _ddp_of(model) is None and any(p.requires_grad for p in model.parameters()):
             ids = [self.device.index] if self.device.type == 'cuda' else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.model = torch.compile(model) if compile else model
+        self.model, self._prepared = torch.compile(model) if compile else model, (compile, _trainable(model))
         return self.model
+
+    def follow_trainable(self) -> None:
+        """Wrap the model again if which of its parameters train changed since it was wrapped (`learn.freeze()`, a
+        callback): DDP reduces the gradients of the parameters that trained when it was built, and only those."""
+        compile, trainable = self._prepared
+        if self.model is not None and _trainable(self.model) != trainable: self.prepare_model(unwrap_model(self.model), compile)
 
     def no_sync(self,
                 model: torch.nn.Module,  # The model as `prepare_model` returned it (DDP, maybe compiled)

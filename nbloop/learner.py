@@ -31,13 +31,14 @@ from .runtime import runtime_settings
 from .distributed import make_runtime
 from .metrics import Recorder
 from .progress import ProgressCallback
-from .schedule import LRFinder, LRFindResult, LRScheduler, one_cycle_callbacks
+from .schedule import (LRFinder, LRFindResult, LRScheduler, TrainableGroups, check_frozen, frozen_names,
+                             make_optimizer, one_cycle_callbacks, set_frozen)
 
 # %% auto #0
 __all__ = ['Learner', 'synth_data', 'synth_learner', 'weights_state', 'load_weights']
 
 # %% ../nbs/09_learner.ipynb #48a323e8
-class Learner(CallbackHost, RunStateView):
+class Learner(CallbackHost, RunStateView, TrainableGroups):
     """Train `model` on `train_dl` (validating on `valid_dl`) with callbacks. The run's counters and current batch are
     in `learn.state` (a `RunState`), where and how the math runs in `learn.runtime`; both are readable as attributes."""
     def __init__(self,
@@ -52,11 +53,11 @@ class Learner(CallbackHost, RunStateView):
                  device: str | torch.device | None = None,  # None: CUDA (`cuda:LOCAL_RANK` under torchrun), MPS, CPU
                  path: str | Path = '.',                    # Base folder of relative save names, checkpoints and logs
                  compile: bool = False,                     # `torch.compile` the model (checkpoints keep plain keys)
+                 wd: float | None = None,                   # Weight decay (the optimizer's `weight_decay`); None: its own
+                 splitter: Callable | None = None,          # `splitter(model)`: parameter groups, body first (`freeze`)
                  ):
         if not isinstance(model, nn.Module): raise TypeError(f'model must be a torch.nn.Module; got {describe(model)}')
-        if train_dl is None: raise TypeError('train_dl is required: an iterable of (x, y) batches')
-        for name, dl in (('train_dl', train_dl), ('valid_dl', valid_dl)):
-            if dl is not None: check_dataloader(dl, name)
+        check_dataloader(train_dl, 'train_dl'); check_dataloader(valid_dl, 'valid_dl', optional=True)
         if not callable(loss_func): raise TypeError(f'loss_func must be callable, like F.cross_entropy; got {loss_func!r}')
         check_number(lr, 'lr')
         self.runtime, self.state, self.recorder = make_runtime(device), RunState(), Recorder(metrics)
@@ -64,10 +65,10 @@ class Learner(CallbackHost, RunStateView):
         # what the callbacks ask of the runtime (precision, ...) is known before the model is wrapped
         self.model = self.runtime.prepare_model(model, compile=compile, **runtime_settings(self.cbs, self.runtime))
         self.train_dl, self.valid_dl, self.loss_func, self.opt_func, self.lr = train_dl, valid_dl, loss_func, opt_func, lr
-        self.path, self.opt = Path(path), opt_func(self.model.parameters(), lr=lr)
+        self.path, self.opt = Path(path), make_optimizer(opt_func, model, lr, wd, splitter)   # the plain model's groups
         self.train_plan, self.valid_plan = EpochPlan(train_dl, 'train_dl', self.runtime), None   # each fit makes its own
 
-    device, scaler = forward_to('runtime', 'device'), forward_to('runtime', 'scaler')
+    device, scaler, model = forward_to('runtime', 'device'), forward_to('runtime', 'scaler'), forward_to('runtime', 'model')
     metrics = property(lambda self: self.recorder.metrics, lambda self, m: setattr(self.recorder, 'metrics', m),
                        doc='The metrics computed in validation (the recorder\'s); assigning a new list replaces them.')
 
@@ -213,9 +214,8 @@ def set_lr(self: Learner,
     ratios = [g['lr'] / groups[0]['lr'] if groups[0]['lr'] else 1. for g in groups]
     for g, r in zip(groups, ratios): g['lr'] = lr * r
     if resume is not None:
-        warnings.warn(f'fit(lr={lr}, resume=...): the learning rate comes from the checkpoint (its optimizer state '
-                      f'and schedules), so lr={lr} is not used; to train on with another rate, load the checkpoint '
-                      f'(learn.load) and fit without resume')
+        warnings.warn(f'fit(lr={lr}, resume=...): lr={lr} is not used, the rate comes from the checkpoint (its optimizer '
+                      f'state and schedules); to train on at another rate, learn.load the checkpoint and fit without resume')
 
 # %% ../nbs/09_learner.ipynb #b89ea5b5
 @patch
@@ -278,10 +278,8 @@ def predict(self: Learner,
 # %% ../nbs/09_learner.ipynb #e5a7c3b8
 @patch
 def cancel_fit_everywhere(self: Learner) -> None:
-    """End the fit as `CancelFitException` does, in every process: with several processes, all of them at the same
-    batch boundary (within a training batch or two, or at the end of the epoch). A callback that decides from values
-    that differ between processes (one process's loss) must use this instead of raising: a process that leaves the
-    fit alone would leave the others waiting for it."""
+    """End the fit as `CancelFitException` does, in every process at the same batch boundary (within a batch or two). Use
+    it instead of raising when the decision rests on values that differ between processes (one process's loss)."""
     self.runtime.cancel_fit(self.state)
 
 # %% ../nbs/09_learner.ipynb #f0b2d6c4
@@ -311,6 +309,7 @@ def state_dict(self: Learner) -> dict:
     callbacks = {n: cb.state_dict() for n, cb in stateful(self.cbs)}
     return {'kind': 'training', 'format_version': FORMAT_VERSION, 'model': model.state_dict(),
             'opt': self.opt.state_dict(), 'opt_class': optimizer_class(self.opt), 'grads': grads,
+            'frozen': frozen_names(model),                                       # which parameters train
             **self.runtime.state_dict(), 'training': self.state.state_dict(), 'rng': rng,
             'data': self.train_plan.state_dict() if position['phase'] == 'train' else {'replayable': False},
             'callbacks': callbacks, 'ranks': [{'rng': rng, 'grads': grads, 'callbacks': {
@@ -330,6 +329,7 @@ def check_state_dict(self: Learner,
     self.runtime.check_state_dict(state)
     check_plan_state(state.get('data'), state['training']['position'])
     check_callback_states(stateful(self.cbs), state)
+    check_frozen(state.get('frozen'), self.model if fits else None, state.get('path', 'the state'))
     if fits: check_state_fits(state, self.model, self.opt, [n for n, _ in stateful(self.cbs)], state.get('path', 'the state'))
 
 # %% ../nbs/09_learner.ipynb #2c9e8f37
@@ -343,6 +343,7 @@ def load_state_dict(self: Learner,
     self.check_state_dict(state)
     source, total = state.get('path', 'the training state'), self.state.total_steps
     load_model_state(self.model, state['model'], strict=True, source=source)
+    set_frozen(self.model, state.get('frozen'))                    # which parameters train (None: an older state)
     self.opt.load_state_dict(state['opt'])
     for n, p in unwrap_model(self.model).named_parameters():
         p.grad = state['grads'][n].to(p.device) if n in state['grads'] else None
@@ -375,8 +376,7 @@ def _read_resume(self: Learner, resume: str | Path) -> dict | None:
     folder = cb.checkpoint_folder(self) if cb is not None else self.path / 'checkpoints'
     read = lambda path: read_training_state(path, lambda s: self.check_state_dict(s, fits=False))  # damaged: skipped
     find = lambda: find_checkpoint(folder, resume, read, getattr(cb, 'run', None))   # 'last': its own run first
-    state = self.runtime.own_part(self.runtime.pick(find, read),
-                                  self.state.total_steps)
+    state = self.runtime.own_part(self.runtime.pick(find, read), self.state.total_steps)
     if state is None: return None
     self.check_state_dict(state)                   # another model, optimizer or callbacks: refused, not skipped
     return state

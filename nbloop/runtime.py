@@ -244,6 +244,11 @@ def _stop(self: Runtime, state, stop: str) -> None:
     state.interrupted = stop
     raise Interrupted(stop)
 
+# %% ../nbs/05_runtime.ipynb #ab15ba0f
+@patch
+def follow_trainable(self: Runtime) -> None:
+    "Prepare the model again if which of its parameters train changed since `prepare_model`: here, nothing to redo."
+
 # %% ../nbs/05_runtime.ipynb #1c8e221c
 @patch
 @contextlib.contextmanager
@@ -252,6 +257,7 @@ def phase_context(self: Runtime,
                   ) -> Iterator[None]:
     """The context of a phase's batches, entered once per phase: no gradients in validation. When the batches
     have run, the phase ends with a stop check (`check_stop(state, end=True)`: with several processes, one vote)."""
+    if state.training: self.follow_trainable()     # parameters frozen or unfrozen since the last phase: see there
     with _NO_CONTEXT if state.training else torch.no_grad(): yield
     self.check_stop(state, end=True)
 
