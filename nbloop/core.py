@@ -502,11 +502,12 @@ def compute_loss(loss_func: Callable,   # Called as `loss_func(pred, *yb)`
                  yb: tuple,             # The batch's targets
                  training: bool,        # Whether the loss is back-propagated (it must then have a gradient)
                  ) -> torch.Tensor:
-    "`loss_func(pred, *yb)` as a 0-d tensor; a loss that fails, is no scalar or has no gradient raises a `LossError` saying why."
+    "`loss_func(pred, *yb)` as a 0-d tensor, None without targets; a failing, non-scalar or gradient-less loss is a `LossError` saying why."
+    if not yb: return None                        # a batch of inputs only (`get_preds`): no loss
     try: loss = loss_func(pred, *yb)
     except Exception as e:
-        name = getattr(loss_func, '__name__', type(loss_func).__name__)
-        raise LossError(f'loss_func {name} failed on predictions ({describe(pred)}) and targets ({describe(yb[0])}): '
+        raise LossError(f'loss_func {getattr(loss_func, "__name__", type(loss_func).__name__)} failed on predictions '
+                        f'({describe(pred)}) and targets ({describe(yb[0])}): '
                         f'{type(e).__name__}: {e}. Check that the model output and the targets have the shapes and '
                         f'dtypes this loss expects.') from e
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
@@ -555,9 +556,8 @@ def check_trainable(model: torch.nn.Module,   # The model a fit would train
                     ) -> None:
     "Raise `FitError` if every parameter of `model` is frozen: training would change nothing."
     if not any(p.requires_grad for p in model.parameters()):
-        raise FitError(f'every parameter of the model ({type(model).__name__}) is frozen (requires_grad=False), so '
-                       f'training would change nothing. Unfreeze what should train, e.g. '
-                       f'`for p in model.head.parameters(): p.requires_grad_(True)`.')
+        raise FitError(f'every parameter of the model ({type(model).__name__}) is frozen (requires_grad=False), so training would '
+                       f'change nothing. Unfreeze what should train: learn.unfreeze(), or p.requires_grad_(True) for some.')
 
 # %% ../nbs/00_core.ipynb #abc25f83
 def check_state(state: Any,                                         # The state to check, as `load_state_dict` gets it

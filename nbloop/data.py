@@ -100,14 +100,25 @@ class BatchError(TypeError):
     "A batch is not `(x, y)` or `(*xs, y)`."
 
 # %% ../nbs/02_data.ipynb #bcedcca9
-def split_batch(batch: Any,                       # What a dataloader yielded: `(x, y)` or `(*xs, y)`
+def split_batch(batch: Any,                       # What a dataloader yielded: `(x, y)`, `(*xs, y)`, or inputs only
                 source: str = 'the dataloader',   # Where the batch came from, named in the error message
+                n_inp: int | None = None,         # How many inputs the model takes; None: not known yet
+                inputs_only: bool = False,        # Accept a batch of inputs only (`get_preds`): its targets are `()`
                 ) -> tuple[tuple, tuple]:
-    "Split `batch` into `(xb, yb)` tuples: inputs and the target; raise `BatchError` if it is not `(x, y)`/`(*xs, y)`."
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise BatchError(f"{source} yielded a batch that is a {describe(batch)}; a batch is (x, y) or "
-                         f"(*xs, y): a tuple or list of at least two items, the inputs then the target.")
-    return tuple(batch[:-1]), (batch[-1],)
+    """Split `batch` into `(xb, yb)` tuples: the inputs and the target. A batch of exactly `n_inp` items (or a lone
+    tensor, for a model of one input) holds inputs only: where `inputs_only` allows it, its `yb` is `()`. Anything
+    else raises a `BatchError` that shows what came."""
+    if isinstance(batch, (tuple, list)) and len(batch) - 1 == n_inp: return tuple(batch[:-1]), (batch[-1],)  # (every batch)
+    n = len(batch) if isinstance(batch, (tuple, list)) else 0
+    if n > 1 and n_inp is None: return tuple(batch[:-1]), (batch[-1],)     # the model's inputs not known yet
+    alone = n == n_inp or (not n and isinstance(batch, torch.Tensor) and n_inp in (None, 1))
+    if alone and inputs_only: return (tuple(batch) if n else (batch,)), ()
+    why = ('a tuple or list of at least two items, the inputs then the target.' if n_inp is None and not alone else
+           f'the inputs then the target. This one holds inputs only ({n or 1} for a model of {n_inp or 1}): get_preds '
+           f'takes such batches, but training and validation need the target.' if alone else
+           f'this learner\'s batches hold {n_inp} input(s) then a target ({n_inp + 1} items: n_inp={n_inp}, from its '
+           f'first batch with targets, or the Learner\'s n_inp argument), or, for get_preds, the {n_inp} input(s) alone.')
+    raise BatchError(f"{source} yielded a batch that is a {describe(batch)}; a batch is (x, y) or (*xs, y): {why}")
 
 # %% ../nbs/02_data.ipynb #c91e0d55
 class EmptyDataError(ValueError):
@@ -412,10 +423,15 @@ def _dataset_size(dl: DataLoader) -> int | None:
 @patch
 def gather(self: EpochPlan,
            preds: list[torch.Tensor],  # This process's predictions, one tensor per batch, in its order
-           targs: list[torch.Tensor],  # Its targets, likewise
+           targs: list[torch.Tensor],  # Its targets, likewise; none at all for batches of inputs only
            ) -> tuple:
     """The predictions and targets of every process, in the order one process would give them, on the CPU:
-    concatenated tensors, or lists of per-batch tensors when batches differ in shape beyond the first dimension."""
+    concatenated tensors, or lists of per-batch tensors when batches differ in shape beyond the first dimension.
+    Batches of inputs only have no targets: then `(predictions, None)`."""
+    if len(targs) != len(preds):
+        if targs: raise BatchError(f'get_preds: {len(targs)} of the {len(preds)} batches held targets and the others '
+                                   f'only inputs; give it batches of one kind (all with targets, or none)')
+        return self.gather(preds, preds)[0], None
     if self.world_size == 1 or not self.replayable:       # one process, or each iterated all of it
         if not preds: return torch.empty(0), torch.empty(0)
         return _cat_or_list(preds, 'predictions'), _cat_or_list(targs, 'targets')

@@ -55,12 +55,13 @@ class Learner(CallbackHost, RunStateView, TrainableGroups):
                  compile: bool = False,                     # `torch.compile` the model (checkpoints keep plain keys)
                  wd: float | None = None,                   # Weight decay (the optimizer's `weight_decay`); None: its own
                  splitter: Callable | None = None,          # `splitter(model)`: parameter groups, body first (`freeze`)
+                 n_inp: int | None = None,                  # Inputs per batch (then targets); None: from the first batch
                  ):
         if not isinstance(model, nn.Module): raise TypeError(f'model must be a torch.nn.Module; got {describe(model)}')
         check_dataloader(train_dl, 'train_dl'); check_dataloader(valid_dl, 'valid_dl', optional=True)
         if not callable(loss_func): raise TypeError(f'loss_func must be callable, like F.cross_entropy; got {loss_func!r}')
         check_number(lr, 'lr')
-        self.runtime, self.state, self.recorder = make_runtime(device), RunState(), Recorder(metrics)
+        self.runtime, self.state, self.recorder = make_runtime(device), RunState(n_inp), Recorder(metrics)
         super().__init__([self.recorder, ProgressCallback(), *cbs], self.runtime.runs_here)
         # what the callbacks ask of the runtime (precision, ...) is known before the model is wrapped
         self.model = self.runtime.prepare_model(model, compile=compile, **runtime_settings(self.cbs, self.runtime))
@@ -157,7 +158,7 @@ def _batches(self: Learner, batches: Iterator) -> None:
     state.arrive(data_generators(self.train_dl, self.valid_dl))
     with runtime.phase_context(state):                 # no gradients in validation; at the end, the stop vote
         for state.iter, batch in batches:                               # (the state's attributes: no property reads)
-            state.new_batch(*split_batch(runtime.to_device(batch), state.dl_name))
+            state.new_batch(*split_batch(runtime.to_device(batch), state.dl_name, state.n_inp, state.predicting))
             self._with_events('batch', CancelBatchException, self._one_batch, state.count_batch)
             runtime.check_stop(state, state.training)                   # SIGINT/SIGTERM: stop at this boundary
 
@@ -238,9 +239,9 @@ def _evaluate(self: Learner, dl: Iterable | None, what: str) -> EpochPlan:
     dl = self.valid_dl if dl is None else dl
     if dl is None: raise ValueError(f'{what} needs a dataloader: pass dl=..., or create the Learner with a valid_dl')
     plan = EpochPlan(dl, 'valid_dl' if dl is self.valid_dl else 'the dataloader', self.runtime, pad=False)
-    was_training = self.model.training
+    was_training, self.state.predicting = self.model.training, what == 'get_preds'   # batches of inputs only: get_preds
     try: self._phase(plan, False)
-    finally: self.model.train(was_training)
+    finally: self.model.train(was_training); self.state.predicting = False
     return plan
 
 # %% ../nbs/09_learner.ipynb #867ce7f1
@@ -250,15 +251,15 @@ class _GatherPreds(Callback):
     def before_validate(self, learn): self.preds, self.targs = [], []
     def after_batch(self, learn):
         if not learn.training and learn.pred is not None:
-            self.preds.append(learn.pred.detach()); self.targs.append(learn.yb[0])
+            self.preds.append(learn.pred.detach()); self.targs.extend(learn.yb[:1])     # none: inputs only
 
 @patch
 def get_preds(self: Learner,
-              dl: Iterable | None = None,  # Batches `(x, y)` or `(*xs, y)` to predict on; None: `valid_dl`
-              ) -> tuple[torch.Tensor | list, torch.Tensor | list]:
-    """Predictions and targets on `dl` (default: `valid_dl`), on the CPU: concatenated tensors, or, when batches differ
-    in shape beyond the first dimension (sequences of different lengths), lists of per-batch tensors. With several
-    processes, every process's, in the order of the epoch."""
+              dl: Iterable | None = None,  # Batches `(x, y)`, `(*xs, y)` or inputs only (`n_inp` items); None: `valid_dl`
+              ) -> tuple[torch.Tensor | list, torch.Tensor | list | None]:
+    """Predictions and targets on `dl` (default: `valid_dl`), on the CPU: tensors, or lists of per-batch tensors when
+    batches differ in shape beyond the first dimension; targets None for batches of inputs only (no loss computed).
+    With several processes, every process's, in the order of the epoch."""
     with self.added_cbs([_GatherPreds()]) as (gather,): plan = self._evaluate(dl, 'get_preds')
     return plan.gather(gather.preds, gather.targs)
 

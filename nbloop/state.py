@@ -27,10 +27,11 @@ class RunState:
     counters = ('epoch', 'n_epochs', 'iter', 'n_iter', 'train_iter', 'total_steps', 'training', 'pct_train')
     call = ('fit_method', 'interrupted', 'resumed_from')       # about the call to fit, not the run: never saved
     batch = ('dl', 'xb', 'yb', 'pred', 'loss', 'loss_grad')
-    names = counters + call + batch
+    names = counters + call + batch + ('n_inp',)   # n_inp: how many inputs the model takes (kept across fits)
 
-    def __init__(self):
-        self.fitting = False
+    def __init__(self, n_inp: int | None = None):   # n_inp: inputs per batch; None: from the first batch with targets
+        expect(n_inp is None or (is_index(n_inp) and n_inp >= 1), 'n_inp', 'a whole number >= 1, or None', n_inp)
+        self.fitting, self.n_inp, self.predicting = False, n_inp, False   # predicting: `get_preds` (inputs only allowed)
         self.reset()
 
     def reset(self,
@@ -101,12 +102,13 @@ class RunState:
         instead of building new ones every batch (as a hand-written loop's `loss` variable does)."""
         self._last_graph = self.loss_grad
         self.xb, self.yb, self.pred, self.loss, self.loss_grad = xb, yb, None, None, None
+        if self.n_inp is None and yb: self.n_inp = len(xb)     # the model's inputs: from its first batch with targets
 
     def set_loss(self,
                  loss: Any,   # The batch's loss, with its gradient (`loss_grad`)
                  ) -> None:
-        "The batch's loss: `loss_grad` to back-propagate, and `loss`, detached, for everyone else."
-        self.loss_grad, self.loss, self._last_graph = loss, loss.detach(), None
+        "The batch's loss: `loss_grad` to back-propagate, and `loss`, detached, for everyone else (None: inputs only)."
+        self.loss_grad, self.loss, self._last_graph = loss, None if loss is None else loss.detach(), None
 
     def forget_batch(self) -> None:
         "A batch cancelled before its loss was complete counts for nothing: no prediction, no loss."
@@ -179,7 +181,7 @@ def state_dict(self: RunState) -> dict:
     "The counters and the position, as a checkpoint stores them (the call's `fit_method` and so on are not saved)."
     return {'position': self.position(), 'train_iter': self.train_iter, 'n_epochs': self.n_epochs,
             'total_steps': self.total_steps, 'row': dict(self.row), 'last_row': dict(self.last_row),
-            'epoch': self.epoch, 'iter': self.iter, 'n_iter': self.n_iter, 'training': self.training}
+            'epoch': self.epoch, 'iter': self.iter, 'n_iter': self.n_iter, 'training': self.training, 'n_inp': self.n_inp}
 
 # %% ../nbs/01_state.ipynb #ec72800b
 @patch
@@ -194,7 +196,7 @@ def check_state_dict(self: RunState,
            'training.position', "{'epoch': int >= 0, 'iter': int >= 0, 'phase': 'train', 'valid' or 'end' "
            "(after epoch >= 1, at iter 0)}", pos)
     for k in ('train_iter', 'n_epochs'): expect(is_index(state.get(k)), f'training.{k}', 'a whole number >= 0', state.get(k))
-    for k in ('total_steps', 'epoch', 'iter', 'n_iter'):
+    for k in ('total_steps', 'epoch', 'iter', 'n_iter', 'n_inp'):
         expect(state.get(k) is None or is_index(state[k]), f'training.{k}', 'None or a whole number >= 0', state.get(k))
     for k in ('row', 'last_row'):
         expect(isinstance(state.get(k, {}), dict), f'training.{k}', "an epoch's row (a dict)", state.get(k))
@@ -213,6 +215,7 @@ def load_state_dict(self: RunState,
     self.row, self.last_row = dict(state.get('row') or {}), dict(state.get('last_row') or {})
     self.epoch = state.get('epoch', pos['epoch'] - (pos['phase'] == 'end'))
     self.iter, self.n_iter = state.get('iter', max(pos['iter'] - 1, 0)), state.get('n_iter')
+    self.n_inp = state.get('n_inp') or self.n_inp
     self.training, self.epoch_done = state.get('training', pos['phase'] == 'train'), pos['phase'] == 'end'
 
 # %% ../nbs/01_state.ipynb #620f09d2
