@@ -18,6 +18,7 @@ from .runtime import *
 from .distributed import *
 from .launch import *
 from .metrics import *
+from .recorder import *
 from .progress import *
 from .schedule import *
 from .learner import *
@@ -26,10 +27,10 @@ from .checkpoint import *
 from .plots import *
 from .loggers import *
 from . import checkpoint as _checkpoint, ckpt_format as _ckpt_format, core as _core, data as _data
-from . import distributed as _distributed
+from . import distributed as _distributed, recorder as _recorder
 from . import launch as _launch, learner as _learner, loggers as _loggers, metrics as _metrics, plots as _plots
 from . import progress as _progress, runtime as _runtime, schedule as _schedule, state as _state, training as _training
 
-__all__ = ['torch', 'nn', 'F'] + [n for m in (_core, _state, _data, _ckpt_format, _runtime, _distributed, _launch, _metrics, _progress,
+__all__ = ['torch', 'nn', 'F'] + [n for m in (_core, _state, _data, _ckpt_format, _runtime, _distributed, _launch, _metrics, _recorder, _progress,
                                               _schedule, _learner, _training, _checkpoint, _plots, _loggers)
                                   for n in m.__all__]

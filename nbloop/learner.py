@@ -29,7 +29,7 @@ from .ckpt_format import (FORMAT_VERSION, check_model_fits, check_optimizer_fits
                                 load_model_state, load_state, optimizer_class, read_training_state, unusable)
 from .runtime import runtime_settings
 from .distributed import make_runtime
-from .metrics import Recorder
+from .recorder import Recorder
 from .progress import ProgressCallback
 from .schedule import (LRFinder, LRFindResult, LRScheduler, TrainableGroups, check_frozen, frozen_names,
                              make_optimizer, one_cycle_callbacks, set_frozen)

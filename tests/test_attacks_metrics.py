@@ -21,8 +21,9 @@ from torch.overrides import TorchFunctionMode
 
 from nbloop.core import Callback, CancelBatchException
 from nbloop.learner import Learner, synth_learner
-from nbloop.metrics import (AvgMetric, EpochMetric, MatthewsCorrCoef, MetricError, Perplexity, Recorder, accuracy,
-                            as_metric, top5_accuracy, top_k_accuracy)
+from nbloop.metrics import (AvgMetric, EpochMetric, MatthewsCorrCoef, MetricError, Perplexity, accuracy, as_metric,
+                            top5_accuracy, top_k_accuracy)
+from nbloop.recorder import Recorder
 from nbloop.state import RunState, RunStateView
 
 
