@@ -24,7 +24,7 @@ from .core import (CancelBatchException, CancelEpochException, CancelFitExceptio
 from .state import RunState, RunStateView
 from .data import (BatchError, EmptyDataError, EpochPlan, batches_per_epoch, check_dataloader, check_plan_state,
                    data_generators, epoch_plans, split_batch)
-from .ckpt_format import (FORMAT_VERSION, check_model_fits, check_optimizer_fits, check_optimizer_state,
+from .ckpt_format import (CheckpointMismatchError, FORMAT_VERSION, check_model_fits, check_optimizer_fits, check_optimizer_state,
                                 check_state_fits, check_tensors, check_training_state, checkpoint_path, find_checkpoint,
                                 load_model_state, load_state, optimizer_class, read_training_state, unusable)
 from .runtime import runtime_settings
@@ -436,19 +436,27 @@ def load_weights(model: torch.nn.Module,          # The model to load into; noth
                  opt: torch.optim.Optimizer,      # Its optimizer
                  state: dict,                     # What `load_state` read: weights from `learn.save`, a checkpoint, ...
                  source: str,                     # What messages call it, e.g. its file
-                 with_opt: bool = True,           # Load the optimizer's state too if the state has one (warns if not)
+                 with_opt: bool | None = True,    # The optimizer's state: True must load, None when it fits, False not
                  strict: bool = True,             # Refuse any mismatch; False loads what matches and warns
                  ) -> None:
-    "Load a model's (and its optimizer's) state read from a file, checked whole before anything changes."
+    """Load a model's (and its optimizer's) state read from a file, checked whole before anything changes. The
+    optimizer's state: `with_opt=True` requires it (a mismatch is an error, a file without one a warning), None loads
+    it if it fits the optimizer (else warns and loads the weights alone), False leaves the optimizer alone."""
     try:
         check_tensors(state.get('model'), 'model')
-        if with_opt and 'opt' in state:
+        if with_opt is not False and 'opt' in state:
             check_optimizer_state(state['opt'])
             expect(isinstance(state.get('opt_class', ''), str), 'opt_class', 'a class name', state.get('opt_class'))
     except ValueError as e: raise unusable(source, e) from e
     if strict: check_model_fits(model, state['model'], source)
-    load_opt = with_opt and 'opt' in state
-    if load_opt: check_optimizer_fits(opt, state['opt'], state.get('opt_class'), source)
+    load_opt = with_opt is not False and 'opt' in state
+    try:
+        if load_opt: check_optimizer_fits(opt, state['opt'], state.get('opt_class'), source)
+    except CheckpointMismatchError as e:
+        if with_opt: raise
+        warnings.warn(f'{e}. Only the weights were loaded (with_opt=False loads them alone without a word; with_opt=True '
+                      f'makes this an error)')
+        load_opt = False
     load_model_state(model, state['model'], strict=strict, source=source)
     if load_opt: opt.load_state_dict(state['opt'])
     elif with_opt: warnings.warn(f'{source} holds no optimizer state (saved with with_opt=False); only the model was loaded')
@@ -469,7 +477,7 @@ def save(self: Learner,
 @patch
 def load(self: Learner,
          name_or_path: str | Path,  # A bare name (from `<path>/models/<name>.safetensors`) or a file path
-         with_opt: bool = True,     # Also load the optimizer's state (a warning if the file has none)
+         with_opt: bool | None = True,   # The optimizer's state too; None: when it fits; False: the weights alone
          strict: bool = True,       # Refuse a file whose keys or shapes differ; False loads what matches (warns)
          ) -> Learner:
     "Load model (and optimizer) state saved by `save` or a `CheckpointCallback`, onto this learner's device."

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from .core import as_classes, camel_to_snake, describe
+from .core import _PROBABILITIES, _is_loss, as_classes, camel_to_snake, describe
 
 # %% auto #0
 __all__ = ['top5_accuracy', 'MetricError', 'Metric', 'batch_size_of', 'AvgMetric', 'ObjectMetric', 'CountMetric', 'EpochMetric',
-           'as_metric', 'predicted_class', 'accuracy', 'top_k_accuracy', 'MatthewsCorrCoef', 'Perplexity']
+           'as_metric', 'predicted_class', 'accuracy', 'top_k_accuracy', 'MatthewsCorrCoef', 'Perplexity', 'SkMetric']
 
 # %% ../nbs/06_metrics.ipynb #9ec8f58d
 class MetricError(RuntimeError):
@@ -79,6 +79,14 @@ def batch_size_of(targ: Any,   # A target batch: a tensor (its first dimension c
     "Number of samples in a target batch, read from its shape (no device sync)."
     return targ.shape[0] if isinstance(targ, torch.Tensor) and targ.ndim else len(targ)
 
+def _not_sklearn(fn: Callable, what: str) -> None:
+    "Refuse a scikit-learn metric given where `(predictions, targets)` are passed: it takes `(y_true, y_pred)`."
+    if (getattr(fn, '__module__', None) or '').startswith('sklearn.'):
+        name = getattr(fn, '__name__', 'it')
+        raise TypeError(f'{name} is a scikit-learn metric: it takes (y_true, y_pred), with class labels or probabilities, '
+                        f'but {what} passes (predictions, targets) as the model gives them (logits). Use SkMetric({name}), '
+                        f'which puts the targets first and turns the predictions into what it takes.')
+
 # %% ../nbs/06_metrics.ipynb #bfd40fbe
 class AvgMetric(Metric):
     "Average a function `fn(pred, targ) -> scalar` over all samples, weighting each batch by its size."
@@ -86,6 +94,7 @@ class AvgMetric(Metric):
                  fn: Callable,              # `fn(pred, targ)` giving the batch's mean: a scalar tensor or a number
                  name: str | None = None,   # The history column's name; None uses `fn`'s `__name__`
                  ):
+        _not_sklearn(fn, 'a metric function')
         self.fn, self.name = fn, name or getattr(fn, '__name__', type(fn).__name__)
         self.reset()
     def reset(self): self.total, self.count = 0., 0
@@ -178,6 +187,7 @@ class EpochMetric(Metric):
                  fn: Callable,              # `fn(preds, targs)` of all the epoch's predictions and targets: a number
                  name: str | None = None,   # The history column's name; None uses `fn`'s `__name__`
                  ):
+        _not_sklearn(fn, 'EpochMetric')
         self.fn, self.name = fn, name or getattr(fn, '__name__', type(fn).__name__)
         self.reset()
     def reset(self): self.preds, self.targs = [], []
@@ -325,3 +335,44 @@ class Perplexity(Metric):
              gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
              ):
         self.total, self.count = _summed(gather, float(self.total), int(self.count))
+
+# %% ../nbs/06_metrics.ipynb #6cf577c8
+_SK_PROBS = {'roc_auc_score', 'average_precision_score', 'log_loss', 'brier_score_loss', 'top_k_accuracy_score'}
+_SK_RAW = {'r2_score', 'explained_variance_score', 'max_error', 'd2_absolute_error_score'}
+
+def _probabilities(pred: torch.Tensor, targ: torch.Tensor, loss_func: Any) -> torch.Tensor:
+    "Class probabilities from the model's output: softmax over classes (a binary pair: the positive one), or sigmoid."
+    if _is_loss(loss_func, _PROBABILITIES): return pred.reshape(targ.shape) if pred.numel() == targ.numel() else pred
+    if pred.ndim == targ.ndim + 1 and pred.shape[-1] > 1:
+        probs = pred.float().softmax(-1)
+        return probs[..., 1] if probs.shape[-1] == 2 else probs
+    return pred.float().sigmoid().reshape(targ.shape)
+
+class SkMetric(EpochMetric):
+    "A scikit-learn metric `fn(y_true, y_pred, **kwargs)` over the whole epoch, with the predictions as `fn` takes them."
+    def __init__(self,
+                 fn: Callable,              # A scikit-learn metric (or any `fn(y_true, y_pred)` on NumPy arrays)
+                 kind: str | None = None,   # 'labels', 'probs' or 'raw' predictions; None: from `fn`'s name
+                 name: str | None = None,   # The history column's name; None uses `fn`'s `__name__`
+                 **kwargs,                  # Passed on to `fn` (e.g. `average='macro'`, `multi_class='ovr'`)
+                 ):
+        fn_name = getattr(fn, '__name__', type(fn).__name__)
+        kind = kind or ('probs' if fn_name in _SK_PROBS else 'raw' if fn_name in _SK_RAW or fn_name.endswith('_error')
+                        else 'labels')
+        if kind not in ('labels', 'probs', 'raw'):
+            raise ValueError(f"SkMetric's kind should be 'labels', 'probs' or 'raw', got {kind!r}")
+        self.sk, self.kind, self.kwargs, self.loss_func = fn, kind, kwargs, None
+        super().__init__(self._score, name or fn_name)
+    def accumulate(self, learn) -> None:
+        self.loss_func = getattr(learn, 'loss_func', None)      # how the loss reads predictions and targets
+        super().accumulate(learn)
+    def _score(self, pred: torch.Tensor, targ: torch.Tensor) -> Any:
+        if self.kind == 'raw': y_true, y_pred = targ, pred
+        else:
+            read, y_true = as_classes(pred, targ, self.loss_func)
+            y_pred = predicted_class(read, y_true) if self.kind == 'labels' else _probabilities(pred, y_true, self.loss_func)
+        if self.kind != 'raw' and not y_true.is_floating_point() and not (keep := y_true != _IGNORE).all():
+            y_true, y_pred = y_true[keep], y_pred[keep]                       # padding (-100) is no sample
+        return self.sk(y_true.cpu().numpy(), y_pred.detach().float().cpu().numpy() if self.kind != 'labels'
+                       else y_pred.cpu().numpy(), **self.kwargs)
+    def __repr__(self): return f'SkMetric({getattr(self.sk, "__name__", self.sk)!r}, kind={self.kind!r})'
