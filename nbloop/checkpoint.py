@@ -15,7 +15,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .core import check_resume, is_index, new_figure, patch, short
+from .core import check_resume, is_index, patch, short
+from .recorder import new_figure
 from .ckpt_format import (CheckpointError, CheckpointWriteError, check_tensors, checkpoint_info, checkpoint_name,
                           fsync_dir, list_checkpoints, load_model_state, load_state, new_run_id, scan_checkpoints,
                           temporary_path)

@@ -577,12 +577,12 @@ def check_state_fits(state: dict,                   # A training state whose par
     params = dict(unwrap_model(model).named_parameters())
     wrong = [n for n, g in state['grads'].items() if n not in params or g.shape != params[n].shape]
     if wrong: raise CheckpointMismatchError(f'{source} holds gradients that do not fit the model: {", ".join(wrong)}')
-    extra = set(state['callbacks']) - set(callbacks) - _LEGACY
-    if extra:
-        raise CheckpointMismatchError(f"{source} holds state for callbacks this fit does not have: {', '.join(sorted(extra))}. "
+    extra = set(state['callbacks']) - set(callbacks) - {'mixed_precision', 'gradient_accumulation'}   # (now the runtime's)
+    loggers = sorted(n for n in extra if isinstance(state['callbacks'][n], dict) and state['callbacks'][n].get('records_only'))
+    if loggers: warnings.warn(f"{source} holds the state of {', '.join(loggers)}, which this fit does not have (they only record): resumed without")
+    if extra - set(loggers):
+        raise CheckpointMismatchError(f"{source} holds state for callbacks this fit does not have: {', '.join(sorted(extra - set(loggers)))}. "
                                       f"Resume with the same callbacks (for fit_one_cycle, call fit_one_cycle again with resume=...).")
-
-_LEGACY = {'mixed_precision', 'gradient_accumulation'}   # callback states of older checkpoints, now the runtime's
 
 # %% ../nbs/03_ckpt_format.ipynb #2c08429a
 _NAME = re.compile(r'^ckpt-step(\d+)(?:-run([0-9a-f]{8}))?-epoch(\d+)-(batch\d+|valid|end)\.safetensors$')

@@ -31,7 +31,7 @@ __all__ = ['TRAINING_LOOP_EVENTS', 'EVENT_PREFIXES', 'FOREIGN_HOOKS', 'Event', '
            'CallbackHost', 'fire_all', 'default_device', 'to_device', 'describe', 'FitError', 'ModelError',
            'call_model', 'LossError', 'compute_loss', 'as_classes', 'check_trainable', 'check_state', 'short',
            'is_index', 'expect', 'check_number', 'get_rng_state', 'set_rng_state', 'check_rng_state', 'DebiasedEMA',
-           'new_figure', 'unwrap_model']
+           'unwrap_model']
 
 # %% ../nbs/00_core.ipynb #8cbfe84a
 class Event(str, Enum):
@@ -668,25 +668,6 @@ class DebiasedEMA:
         self.n += 1
         self.avg = self.beta * self.avg + (1 - self.beta) * value
         return self.avg / (1 - self.beta ** self.n)
-
-# %% ../nbs/00_core.ipynb #863751e2
-_ShownFigure = None
-
-def new_figure(**kwargs: Any,   # Passed to matplotlib's `Figure`: `figsize`, `layout`, ...
-               ):
-    "A matplotlib `Figure` (outside pyplot) that displays itself as a PNG in notebooks."
-    global _ShownFigure
-    if _ShownFigure is None:
-        from matplotlib.figure import Figure
-        class ShownFigure(Figure):
-            "A Figure with a PNG representation for IPython."
-            def _repr_png_(self) -> bytes:
-                import io
-                buf = io.BytesIO()
-                self.savefig(buf, format='png', bbox_inches='tight')
-                return buf.getvalue()
-        _ShownFigure = ShownFigure
-    return _ShownFigure(**kwargs)
 
 # %% ../nbs/00_core.ipynb #efe8bbda
 def unwrap_model(model: torch.nn.Module,   # A model, maybe wrapped in (Distributed)DataParallel and/or `torch.compile`

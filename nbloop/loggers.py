@@ -80,9 +80,9 @@ class CSVLogger(Callback):
     def state_dict(self) -> dict:
         """Where the file ends now: a resumed fit cuts it back to here (None when no fit is writing it). The learner
         has the Recorder flush first, so every batch so far is in the file."""
-        if self.file is None: return {'offset': None}
+        if self.file is None: return {'offset': None, 'records_only': True}
         self._sync()
-        return {'offset': self.file.tell()}
+        return {'offset': self.file.tell(), 'records_only': True}   # (its absence: a warning, see `check_state_fits`)
 
     def check_state_dict(self,
                          state: dict,   # A state as `state_dict` returns it (from a checkpoint, say)
@@ -198,9 +198,9 @@ class TensorBoardLogger(Callback):
     def state_dict(self) -> dict:
         """The run folder and the last step written: a resumed fit continues in that folder, dropping later events.
         The learner has the Recorder flush first, so every batch so far is written."""
-        if not self.writers: return {'run_dir': None}      # nothing written (yet)
+        if not self.writers: return {'run_dir': None, 'records_only': True}      # nothing written (yet)
         for w in self.writers.values(): w.flush()
-        return {'run_dir': str(self.run_dir), 'step': self._step if self._step is not None else 0}
+        return {'run_dir': str(self.run_dir), 'step': self._step if self._step is not None else 0, 'records_only': True}
 
     def check_state_dict(self,
                          state: dict,   # A state as `state_dict` returns it (from a checkpoint, say)

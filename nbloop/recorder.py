@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Callback, CallbackHost, DebiasedEMA, check_state, describe, new_figure, patch
+from .core import Callback, CallbackHost, DebiasedEMA, check_state, describe, patch
 from .state import RunState, RunStateView
 from .data import EpochPlan
 from .runtime import Runtime
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # %% auto #0
-__all__ = ['Recorder', 'TinyLearner']
+__all__ = ['Recorder', 'new_figure', 'TinyLearner']
 
 # %% ../nbs/06a_recorder.ipynb #58e6fa2e
 class Recorder(Callback):
@@ -276,6 +277,47 @@ def load_state_dict(self: Recorder,
     self._epoch_ends = list(state['epoch_ends'])
     self._ema = DebiasedEMA(self.smooth_beta, state['smooth'], state['n_smooth'])
     self._loaded_row = dict(state.get('row') or {})     # older checkpoints kept the epoch's row here
+
+# %% ../nbs/06a_recorder.ipynb #ed02f446
+_ShownFigure, _unshown, _hooked = None, [], []   # the class; figures made in this cell, not shown yet; the shells
+
+def _show_at_cell_end(*args) -> None:
+    "After a cell (IPython's post_run_cell, in a kernel): display the figures it made that it did not show."
+    figs = [f for f in _unshown if not f._shown]
+    _unshown.clear()
+    if figs:
+        from IPython.display import display
+        for f in figs: display(f)
+
+def _png(fig) -> bytes:
+    "The figure as PNG, for IPython's formatter (ahead of the one pyplot's inline backend registers for every Figure)."
+    fig._shown = True
+    return fig._repr_png_()
+
+def new_figure(**kwargs: Any,   # Passed to matplotlib's `Figure`: `figsize`, `layout`, ...
+               ):
+    "A matplotlib `Figure` (outside pyplot) that displays itself as a PNG in notebooks, once, however the cell uses it."
+    global _ShownFigure
+    if _ShownFigure is None:
+        from matplotlib.figure import Figure
+        class ShownFigure(Figure):
+            "A Figure with a PNG representation for IPython."
+            _shown = False
+            def _repr_png_(self) -> bytes:
+                import io
+                buf = io.BytesIO()
+                self.savefig(buf, format='png', bbox_inches='tight')
+                return buf.getvalue()
+        _ShownFigure = ShownFigure
+    fig = _ShownFigure(**kwargs)
+    shell = getattr(sys.modules.get('IPython'), 'get_ipython', lambda: None)()   # an IPython shell, if one runs this
+    if shell is not None and hasattr(shell, 'display_formatter'):
+        if shell not in _hooked:
+            shell.display_formatter.formatters['image/png'].for_type(_ShownFigure, _png)
+            if hasattr(shell, 'kernel'): shell.events.register('post_run_cell', _show_at_cell_end)
+            _hooked.append(shell)
+        if hasattr(shell, 'kernel'): _unshown.append(fig)       # a Jupyter kernel: shown at the cell's end at the latest
+    return fig
 
 # %% ../nbs/06a_recorder.ipynb #d6b2f8a4
 def _figure(ncols: int = 1, width: float = 6, height: float = 4):

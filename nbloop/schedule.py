@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .core import (CancelFitException, CancelValidateException, Callback, DebiasedEMA, check_number, check_state,
-                         describe, expect, new_figure, unwrap_model)
+                         describe, expect, unwrap_model)
+from .recorder import new_figure
 from .ckpt_format import CheckpointMismatchError
 
 if TYPE_CHECKING:

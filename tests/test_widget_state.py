@@ -152,3 +152,29 @@ def test_recorder_plots_show_as_images(executed):
         pngs = static_pngs(c)
         assert len(pngs) == 1, f'{c.source!r} shows no image: {[o.get("data", {}).get("text/plain") for o in outputs_of(c)]}'
         check_png(pngs[0])
+
+
+FORMS = {   # a cell's source -> how many pictures it must show (issue 17 point 9: today only the last-line form draws)
+    'learn.recorder.plot_loss()': 1,                                        # the cell's value
+    'fig = learn.recorder.plot_loss()': 1,                                  # assigned
+    'learn.recorder.plot_loss()\nx = 1': 1,                                 # not the last line
+    'import matplotlib.pyplot as plt\nlearn.recorder.plot_loss()\nplt.show()': 1,   # with plt.show()
+    'fig.axes[0].set_title("again")\nfig': 1,                              # shown again when asked again
+    'figs = [learn.recorder.plot_lr(), learn.recorder.plot_loss()]\nfigs[0]': 2,     # each figure of the cell, once
+    'y = 2': 0,                                                             # nothing left over from the cells before
+}
+
+
+@pytest.mark.timeout(300)
+def test_figures_show_once_however_the_cell_uses_them(tmp_path, monkeypatch):
+    "A plot shows once per cell in a real kernel: as the cell's value, assigned, not last, or with plt.show()."
+    setup = ('from nbloop.all import *\nlearn = synth_learner()\nwith learn.no_bar(): learn.fit(2)')
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(setup)] +
+                                  [nbformat.v4.new_code_cell(src) for src in FORMS])
+    use_this_python(monkeypatch, tmp_path / 'jupyter')
+    NotebookClient(nb, timeout=120, startup_timeout=60, kernel_name='python3',
+                   resources={'metadata': {'path': str(tmp_path)}}).execute(env=env_for_subprocess())
+    shown = {c.source: len(static_pngs(c)) for c in nb.cells[1:]}
+    assert shown == FORMS, shown
+    for c in nb.cells[1:]:
+        for png in static_pngs(c): check_png(png)
