@@ -29,7 +29,7 @@ from .ckpt_format import (CheckpointMismatchError, FORMAT_VERSION, check_model_f
                                 load_model_state, load_state, optimizer_class, read_training_state, unusable)
 from .runtime import runtime_settings
 from .distributed import make_runtime
-from .recorder import Recorder
+from .recorder import Recorder, RecorderView
 from .progress import ProgressCallback
 from .schedule import (LRFinder, LRFindResult, LRScheduler, TrainableGroups, check_frozen, frozen_names,
                              make_optimizer, one_cycle_callbacks, set_frozen)
@@ -38,7 +38,7 @@ from .schedule import (LRFinder, LRFindResult, LRScheduler, TrainableGroups, che
 __all__ = ['Learner', 'synth_data', 'synth_learner', 'weights_state', 'load_weights']
 
 # %% ../nbs/09_learner.ipynb #48a323e8
-class Learner(CallbackHost, RunStateView, TrainableGroups):
+class Learner(CallbackHost, RunStateView, TrainableGroups, RecorderView):
     """Train `model` on `train_dl` (validating on `valid_dl`) with callbacks. The run's counters and current batch are
     in `learn.state` (a `RunState`), where and how the math runs in `learn.runtime`; both are readable as attributes."""
     def __init__(self,
@@ -149,7 +149,7 @@ def _phase(self: Learner, plan: EpochPlan, training: bool) -> None:
     "One pass over `plan`: training (from where a resumed fit continues) or validation, between its events."
     if (first := self.state.new_phase(training, plan)) is None: return   # resumed after this epoch's training
     self.model.train(training)
-    self._with_events(*_PHASES[training], lambda: self._batches(plan.epoch(first)))
+    self._with_events(*_PHASES[training], lambda: self._batches(plan.epoch(first)), self.state.end_phase)
 
 @patch
 def _batches(self: Learner, batches: Iterator) -> None:

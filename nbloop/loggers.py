@@ -20,7 +20,8 @@ __all__ = ['CSVLogger', 'TensorBoardLogger']
 
 # %% ../nbs/13_loggers.ipynb #1d6eda2c
 class CSVLogger(Callback):
-    "Write a row per training batch and a row per epoch's validation to a CSV file."
+    """Write a row per training batch and a row per epoch's validation to a CSV file; what `learn.log` gave outside
+    the batches and the epoch means of what it gave in them (`train_<name>`, ...) are columns of the valid rows."""
     order = 70
     main_process_only = True
 
@@ -29,31 +30,45 @@ class CSVLogger(Callback):
                  append: bool = False,               # Whether a new fit appends to the file instead of overwriting it
                  ):
         self.path, self.append = Path(path), append
-        self.file = None
+        self.file, self.columns = None, None
 
     def _full_path(self, learn: Learner) -> Path:
         return self.path if self.path.is_absolute() else learn.path / self.path
 
     def before_fit(self, learn: Learner):
-        self.columns = ['epoch', 'batch', 'phase', 'loss', *learn.recorder.metric_names, 'lr']
+        self._rec, self._told, self._validates = learn.recorder, set(), learn.valid_dl is not None
         path = self._full_path(learn)
         path.parent.mkdir(parents=True, exist_ok=True)
         keep = (self.append or learn.resumed_from is not None) and path.exists() and path.stat().st_size > 0
         self.file = open(path, 'a' if keep else 'w', newline='')
         self.writer = csv.writer(self.file)
-        if not keep: self.writer.writerow(self.columns)
-        elif learn.resumed_from is None: self._check_header(path)
+        self.columns = self._header(path, learn.resumed_from is None) if keep else None   # None: set at the first write
         learn.recorder.listeners.append(self._write_batches)     # the training batches, as the Recorder flushes them
 
-    def _check_header(self, path: Path):
-        with open(path, newline='') as f: header = next(csv.reader(f), None)
-        if header != self.columns:
-            warnings.warn(f'{path} has columns {header}, this fit writes {self.columns}: appended rows will not line up')
+    def _header(self, path: Path, check: bool) -> list[str]:
+        "The columns of the file this fit appends to (a warning when they are not this fit's)."
+        with open(path, newline='') as f: header = next(csv.reader(f), None) or []
+        own = ['epoch', 'batch', 'phase', 'loss', *self._rec.metric_names]
+        if check and (header[:len(own)] != own or header[-1:] != ['lr']):
+            warnings.warn(f'{path} has columns {header}, this fit writes {own + ["lr"]}: appended rows will not line up')
+        return header
+
+    def _set_columns(self) -> None:
+        """Write the header at the first row (the first training batches the Recorder flushes): with the columns of
+        what `learn.log` gave so far, and `valid_<name>` beside each `train_<name>` when the fit validates."""
+        logged = self._rec.log_columns
+        twins = [f'valid_{c[6:]}' for c in logged if c.startswith('train_')] if self._validates else []
+        self.columns = ['epoch', 'batch', 'phase', 'loss', *self._rec.metric_names, *dict.fromkeys(logged + twins), 'lr']
+        self.writer.writerow(self.columns)
+
+    def _emit(self, row: dict) -> None:
+        if self.columns is None: self._set_columns()
+        self.writer.writerow([row.get(c, '') for c in self.columns])
 
     def _write_batches(self, rows: list[tuple]):
         "Write the training batches the Recorder flushed: `(epoch, batch, step, loss, lr)` rows."
-        blanks = [''] * (len(self.columns) - 5)
-        for epoch, batch, _, loss, lr in rows: self.writer.writerow([epoch, batch, 'train', repr(loss), *blanks, repr(lr)])
+        for epoch, batch, _, loss, lr in rows:
+            self._emit({'epoch': epoch, 'batch': batch, 'phase': 'train', 'loss': repr(loss), 'lr': repr(lr)})
 
     def _sync(self):
         self.file.flush()
@@ -61,16 +76,22 @@ class CSVLogger(Callback):
 
     def after_epoch(self, learn: Learner):
         learn.recorder.flush()                          # every training batch of the epoch, before its valid row
-        row = learn.state.last_row
+        if self.columns is None: self._set_columns()
+        row, extra = learn.state.last_row, [c for c in learn.recorder.log_columns if c in self.columns]
+        for name in [c for c in learn.recorder.log_columns if c not in self.columns and c not in self._told]:
+            warnings.warn(f"{self.path} got its columns at its first row, before '{name}' was logged: '{name}' is in "
+                          f"learn.recorder.history, not in the file (log it from the first batch on to have it there)")
+            self._told.add(name)
         if 'valid_loss' in row:
-            metrics = [repr(row.get(n, math.nan)) for n in learn.recorder.metric_names]
-            self.writer.writerow([learn.epoch, '', 'valid', repr(row['valid_loss']), *metrics, ''])
+            cells = {n: repr(row.get(n, math.nan)) for n in (*learn.recorder.metric_names, *extra)}
+            self._emit({'epoch': learn.epoch, 'phase': 'valid', 'loss': repr(row['valid_loss']), **cells})
         self._sync()
 
     def after_fit(self, learn: Learner):
         if self.file is None: return
         try:
             learn.recorder.flush()
+            if self.columns is None: self._set_columns()    # a fit that wrote no row: the header alone, as before
             self._sync()
         finally:
             if self._write_batches in learn.recorder.listeners: learn.recorder.listeners.remove(self._write_batches)
@@ -81,6 +102,7 @@ class CSVLogger(Callback):
         """Where the file ends now: a resumed fit cuts it back to here (None when no fit is writing it). The learner
         has the Recorder flush first, so every batch so far is in the file."""
         if self.file is None: return {'offset': None, 'records_only': True}
+        if self.columns is None: self._set_columns()      # a checkpoint before the first row: the header now
         self._sync()
         return {'offset': self.file.tell(), 'records_only': True}   # (its absence: a warning, see `check_state_fits`)
 
@@ -127,6 +149,7 @@ def _hparams(learn: Learner) -> dict:
             'loss_func': getattr(learn.loss_func, '__name__', type(learn.loss_func).__name__),
             'model': type(model).__name__, 'n_params': sum(p.numel() for p in model.parameters())}
 
+# %% ../nbs/13_loggers.ipynb #314d6625
 class TensorBoardLogger(Callback):
     "Write training loss and lr per batch, validation loss and metrics per epoch, and hyper-parameters, for TensorBoard."
     order = 70
@@ -147,6 +170,7 @@ class TensorBoardLogger(Callback):
         self._hp, self._names = _hparams(learn), ['valid_loss', *learn.recorder.metric_names]
         self._root = self.log_dir if self.log_dir.is_absolute() else learn.path / self.log_dir
         learn.recorder.listeners.append(self._write_batches)     # the training batches, as the Recorder flushes them
+        learn.recorder.log_listeners.append(self._write_logged)  # and what `learn.log` gave in them
 
     def _writer(self, which: str):
         from torch.utils.tensorboard import SummaryWriter
@@ -171,6 +195,11 @@ class TensorBoardLogger(Callback):
             w.add_scalar('lr', lr, step)
         if rows: self._step = rows[-1][2]
 
+    def _write_logged(self, points: list[tuple]):
+        "Write what `learn.log` gave in training batches: `(epoch, batch, step, name, value)` points, tagged by name."
+        w = self._writer('train')
+        for _, _, step, name, value in points: w.add_scalar(name, value, step)
+
     def after_epoch(self, learn: Learner):
         learn.recorder.flush()
         row = learn.state.last_row
@@ -178,6 +207,10 @@ class TensorBoardLogger(Callback):
             w = self._writer('validation')
             w.add_scalar('loss', row['valid_loss'], learn.train_iter)
             for n in learn.recorder.metric_names: w.add_scalar(n, row[n], learn.train_iter)
+        for col in learn.recorder.log_columns:       # `learn.log`'s epoch columns (train_ ones: written per batch)
+            if col in row and not col.startswith('train_'):
+                which, tag = ('validation', col[6:]) if col.startswith('valid_') else ('train', col)
+                self._writer(which).add_scalar(tag, row[col], learn.train_iter)
         for w in self.writers.values(): w.flush()
 
     def after_fit(self, learn: Learner):
@@ -192,6 +225,7 @@ class TensorBoardLogger(Callback):
                 for n in self._names: w.add_scalar(f'hparam/{n}', row[n], learn.train_iter)
         finally:
             if self._write_batches in learn.recorder.listeners: learn.recorder.listeners.remove(self._write_batches)
+            if self._write_logged in learn.recorder.log_listeners: learn.recorder.log_listeners.remove(self._write_logged)
             for w in self.writers.values(): w.close()
             self.writers = {}
 

@@ -230,7 +230,7 @@ def render(self: LivePlotCallback,
     step = max(1, len(smoothed) // 2000)                  # at most ~2000 points per curve
     xs = list(range(0, len(smoothed), step))
     valid = rec.valid_points()
-    names = sorted(rec.metric_names, key=lambda n: (n != 'accuracy', rec.metric_names.index(n)))
+    names = sorted(rec.metric_names, key=lambda n: (n != 'accuracy', rec.metric_names.index(n))) + rec.log_columns
     epochs = [r['epoch'] for r in rec.history]
     loss = [('train (smoothed)', '-', 'C0', xs, [smoothed[i] for i in xs])]
     if valid or learn.valid_dl is not None:

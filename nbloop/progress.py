@@ -134,11 +134,11 @@ class ProgressCallback(Callback):
         self._write_row(learn.state.last_row)
 
     def _write_row(self, row: dict):
-        keys = [k for k in row if k != 'time']
-        if not self._header_written:
-            self.mbar.write(keys + ['time'], table=True)
+        if not self._header_written:     # the first row's columns, for the whole table (a later one: in the history)
+            self._keys = [k for k in row if k != 'time']
+            self.mbar.write(self._keys + ['time'], table=True)
             self._header_written = True
-        self.mbar.write(format_row([row[k] for k in keys]) + [format_time(row.get('time', 0.))], table=True)
+        self.mbar.write(format_row([row.get(k, math.nan) for k in self._keys]) + [format_time(row.get('time', 0.))], table=True)
 
     def after_fit(self, learn):
         self._in_fit = False

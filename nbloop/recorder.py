@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # %% auto #0
-__all__ = ['Recorder', 'new_figure', 'TinyLearner']
+__all__ = ['Recorder', 'RecorderView', 'new_figure', 'TinyLearner']
 
 # %% ../nbs/06a_recorder.ipynb #58e6fa2e
 class Recorder(Callback):
@@ -45,6 +45,7 @@ class Recorder(Callback):
         self.history: list[dict] = []
         self.values: dict | None = None
         self.listeners: list = []       # functions `fn(rows)` that get each flushed training batch (see `flush`)
+        self.log_listeners: list = []   # functions `fn(points)` that get each flushed value `learn.log` gave in training
         self._loaded_row: dict = {}     # the row of a checkpoint written before RunState kept it
         self._reset_fit()
 
@@ -78,6 +79,9 @@ class Recorder(Callback):
         self._ema, self._smoothed = DebiasedEMA(self.smooth_beta), []
         self._valid, self._valid_sizes = [], []   # the validation losses (on the device) and sizes of its batches
         self._epoch_ends: list[int] = []     # len(losses) at the end of each epoch, to place valid points
+        # `learn.log`: values not flushed yet; per name, (step, value) of each training batch; the epoch's own columns
+        self._log_pending, self._logged, self._epoch_logs, self._epoch_base = [], {}, {}, 0
+        self._log_sums: dict[bool, dict] = {True: {}, False: {}}   # training / validation: name -> [sum, samples]
 
     def before_fit(self, learn):
         self.history = []
@@ -110,6 +114,7 @@ class Recorder(Callback):
 
     def flush(self) -> None:
         "Turn the pending losses into floats (one sync) and hand the new training batches to the listeners as rows."
+        if self._log_pending: self._flush_logs()
         if not self._pending: return
         meta, new = self._meta, torch.cat([p.reshape(-1) for p in self._pending]).float().tolist()  # sync point
         self._pending, self._stacked, self._meta = [], 0, []       # (stacks of `stack_every`, then single losses)
@@ -187,17 +192,27 @@ def _mean_over_processes(learn, sums: tuple[float, int]) -> float:
     total, n = learn.runtime.sum_over_processes(*sums)
     return total / n if n else math.nan
 
+def _log_means(learn, rec: Recorder, training: bool) -> dict[str, float]:
+    "`train_<name>` (or `valid_<name>`) for what `learn.log` gave in the phase's batches: means over every process's samples."
+    rec.flush()
+    sums, rec._log_sums[training] = rec._log_sums[training], {}
+    total: dict = {}
+    for part in learn.runtime.gather(sums):            # every process's (with one, its own): the names may differ
+        for name, (v, n) in part.items(): total[name] = [a + b for a, b in zip(total.get(name, [0., 0]), (v, n))]
+    return {f"{'train' if training else 'valid'}_{name}": v / n if n else math.nan for name, (v, n) in total.items()}
+
 @patch
 def after_train(self: Recorder, learn):
-    "Start the epoch's row with its training loss (the mean over every process's samples)."
-    learn.state.row = {'epoch': learn.epoch, 'train_loss': _mean_over_processes(learn, self._train_sums())}
+    "Start the epoch's row with its training loss (the mean over every process's samples), and the values logged in it."
+    learn.state.row = {'epoch': learn.epoch, 'train_loss': _mean_over_processes(learn, self._train_sums()),
+                       **_log_means(learn, self, True)}
     self._epoch_start, self._sizes = len(self._losses), []
 
 # %% ../nbs/06a_recorder.ipynb #7f205675
 @patch
 def before_validate(self: Recorder, learn):
     "Reset the validation loss and the metrics (a wrapped object moves to the learner's device)."
-    self._valid, self._valid_sizes = [], []
+    self._valid, self._valid_sizes, self._log_sums[False] = [], [], {}
     for m in self.metrics:
         if isinstance(m, ObjectMetric): m.to(learn.device)
         m.reset()
@@ -215,7 +230,7 @@ def after_validate(self: Recorder, learn):
         except Exception as e:
             raise MetricError(f"metric '{m.name}' raised {type(e).__name__} when computing its value at the end "
                               f"of validation (after_validate): {e}") from e
-    self.values = values
+    self.values = {**values, **_log_means(learn, self, False)}
     self._valid, self._valid_sizes = [], []
 
 # %% ../nbs/06a_recorder.ipynb #53019273
@@ -234,11 +249,78 @@ def end_epoch(self: Recorder,
         row = dict(state.row)
     if learn.valid_dl is not None:    # a cancelled validation leaves its columns empty (nan), never missing
         row.update(self.values if self.values is not None else dict.fromkeys(['valid_loss', *self.metric_names], math.nan))
+    row.update({name: float(v) for name, v in self._epoch_logs.items()})      # logged outside the batches (a sync)
     row['time'] = time.perf_counter() - getattr(self, '_epoch_t0', time.perf_counter())
     self.history.append(row)
     self._epoch_ends.append(len(self._losses) + len(self._pending))
-    self.values, state.row, self._loaded_row = None, {}, {}
+    self.values, state.row, self._loaded_row, self._epoch_logs = None, {}, {}, {}
     state.end_epoch(row)
+
+# %% ../nbs/06a_recorder.ipynb #fd7c4883
+@patch
+def log(self: Recorder,
+        state: RunState,     # The learner's state: in a batch or not, training or not, which epoch and batch
+        **values,            # Numbers or one-element tensors by name
+        ) -> None:
+    "Take what `learn.log` gave (see `RecorderView.log`): a batch's values wait, on their device, for the next `flush`."
+    if not state.fitting and not state.in_batch:
+        raise RuntimeError('learn.log records values of a fit or an evaluation, from its callbacks or its loss; no fit is running')
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.detach().reshape(())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool): value = float(value)
+        else: raise TypeError(f'learn.log({name}=...): a logged value is a number or a one-element tensor; got {describe(value)}')
+        column = f"{'train' if state.training else 'valid'}_{name}" if state.in_batch else name
+        if column in self._row_keys or column in self.metric_names:
+            raise ValueError(f"learn.log({name}=...) would fill the history's column '{column}', the loss's or a metric's; "
+                             f"log it under another name")
+        if state.in_batch:
+            size = batch_size_of(state.yb[0]) if state.yb else 1
+            self._log_pending.append((state.training, state.epoch, state.iter, self._epoch_base + state.iter + 1, name, value, size))
+        elif state.epoch_done and state.last_row: state.last_row[name] = float(value)   # after_epoch: the row that ended
+        else: self._epoch_logs[name] = value
+
+@patch
+def _flush_logs(self: Recorder) -> None:
+    "The pending logged values as floats (one sync for the tensors), into the phases' sums and the per-batch series."
+    pending, self._log_pending = self._log_pending, []
+    tensors = [p[5] for p in pending if isinstance(p[5], torch.Tensor)]
+    try: floats = iter(torch.stack([t.float() for t in tensors]).tolist() if tensors else [])   # sync point
+    except RuntimeError: floats = iter([float(t) for t in tensors])            # tensors on several devices
+    points = []
+    for training, epoch, it, step, name, v, size in pending:
+        v = next(floats) if isinstance(v, torch.Tensor) else v
+        sums = self._log_sums[training].setdefault(name, [0., 0])
+        sums[0] += v * size; sums[1] += size
+        if training: self._logged.setdefault(name, []).append((step, v)); points.append((epoch, it, step, name, v))
+    for fn in list(self.log_listeners) if points else (): fn(points)
+
+def _logged(self: Recorder) -> dict[str, list[tuple[int, float]]]:
+    self.flush()
+    return self._logged
+
+def _log_columns(self: Recorder) -> list[str]:
+    self.flush()
+    known = {*self._row_keys, *self.metric_names}
+    cols = [k for r in self.history for k in r if k not in known] + [f'train_{n}' for n in self._log_sums[True]]
+    return list(dict.fromkeys(cols + [f'valid_{n}' for n in self._log_sums[False]] + list(self._epoch_logs)))
+
+Recorder.logged = property(_logged, doc="What `learn.log` gave in training batches: per name, the `(step, value)` of each.")
+Recorder.log_columns = property(_log_columns, doc="The history's columns `learn.log` has made so far, in order.")
+
+# %% ../nbs/06a_recorder.ipynb #7bf784d0
+class RecorderView:
+    "A mixin for what keeps a `Recorder` in `self.recorder` and a `RunState` in `self.state` (the Learner): `log`."
+    def log(self, **values: float | torch.Tensor) -> None:
+        """Log values of your own by name: numbers or one-element tensors, on any device (no sync). In a batch, the
+        history gets `train_<name>` / `valid_<name>` (the epoch's mean) and `recorder.logged[name]` each training batch's
+        value; elsewhere in an epoch, `<name>` itself (in `after_epoch`: the row that just ended)."""
+        self.recorder.log(self.state, **values)
+
+# %% ../nbs/06a_recorder.ipynb #0db749f8
+@patch
+def before_train(self: Recorder, learn):
+    "Note the training step before the epoch's first batch: a value logged in batch `i` is at step `base + i + 1`."
+    self._epoch_base = learn.train_iter - (learn.iter + 1)
 
 # %% ../nbs/06a_recorder.ipynb #c5a1e7f3
 @patch
@@ -249,7 +331,10 @@ def state_dict(self: Recorder) -> dict:
             'smoothed': torch.tensor(self._smooth(), dtype=torch.float64),
             'lrs': torch.tensor(self.lrs, dtype=torch.float64), 'sizes': list(self._sizes),
             'epoch_start': self._epoch_start, 'epoch_ends': list(self._epoch_ends),
-            'smooth': self._ema.avg, 'n_smooth': self._ema.n}
+            'smooth': self._ema.avg, 'n_smooth': self._ema.n,                 # and what `learn.log` gave so far:
+            'logged': {n: torch.tensor(p, dtype=torch.float64).reshape(-1, 2) for n, p in self._logged.items()},
+            'log_sums': {n: list(v) for n, v in self._log_sums[True].items()},
+            'epoch_logs': {n: float(v) for n, v in self._epoch_logs.items()}}
 
 # %% ../nbs/06a_recorder.ipynb #48b67d41
 @patch
@@ -261,6 +346,12 @@ def check_state_dict(self: Recorder,
     ints = lambda v: isinstance(v, list) and all(isinstance(i, int) for i in v)
     check_state(state, 'Recorder', history=rows, losses=torch.Tensor, smoothed=torch.Tensor, lrs=torch.Tensor,
                 sizes=ints, epoch_start=int, epoch_ends=ints, smooth=(int, float), n_smooth=int)
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    for key, ok in (('logged', lambda t: isinstance(t, torch.Tensor) and t.ndim == 2 and t.shape[1] == 2),
+                    ('log_sums', lambda v: isinstance(v, list) and len(v) == 2 and all(map(num, v))), ('epoch_logs', num)):
+        part = state.get(key, {})                                # (absent from checkpoints older than `learn.log`)
+        if not isinstance(part, dict) or not all(isinstance(n, str) and ok(v) for n, v in part.items()):
+            raise ValueError(f"the state of Recorder has a '{key}' that is not what learn.log keeps: {describe(part)}")
     if not isinstance(state.get('row', {}), dict): raise ValueError(f"the state of Recorder has a 'row' that is a {describe(state['row'])}")
 
 # %% ../nbs/06a_recorder.ipynb #ca09c4d7
@@ -277,6 +368,9 @@ def load_state_dict(self: Recorder,
     self._epoch_ends = list(state['epoch_ends'])
     self._ema = DebiasedEMA(self.smooth_beta, state['smooth'], state['n_smooth'])
     self._loaded_row = dict(state.get('row') or {})     # older checkpoints kept the epoch's row here
+    self._logged = {n: [(int(s), v) for s, v in t.tolist()] for n, t in state.get('logged', {}).items()}
+    self._log_sums, self._log_pending = {True: {n: list(v) for n, v in state.get('log_sums', {}).items()}, False: {}}, []
+    self._epoch_logs = dict(state.get('epoch_logs', {}))
 
 # %% ../nbs/06a_recorder.ipynb #ed02f446
 _ShownFigure, _unshown, _hooked = None, [], []   # the class; figures made in this cell, not shown yet; the shells
@@ -352,8 +446,8 @@ def plot_loss(self: Recorder,
 # %% ../nbs/06a_recorder.ipynb #cfb27e2f
 @patch
 def plot_metrics(self: Recorder) -> Figure:
-    "Each metric (and the losses) per epoch."
-    names = self.metric_names
+    "Each metric (and the losses) per epoch, and the epoch columns of what `learn.log` gave."
+    names = [*self.metric_names, *self.log_columns]
     fig, axs = _figure(ncols=max(1, len(names)) + 1)
     epochs = [r['epoch'] for r in self.history]
     axs[0].plot(epochs, [r.get('train_loss', math.nan) for r in self.history], 'o-', label='train_loss')
@@ -375,7 +469,7 @@ def plot_lr(self: Recorder) -> Figure:
     return fig
 
 # %% ../nbs/06a_recorder.ipynb #7f1e3d5a
-class TinyLearner(CallbackHost, RunStateView):
+class TinyLearner(CallbackHost, RunStateView, RecorderView):
     """A stand-in for the `Learner` (09_learner) on the pages before it: it trains `model` with SGD on `train` (a list
     of `(x, y)` batches) and validates on `valid`, firing the loop's events in the loop's order (nothing is cancelled),
     with the attributes the shipped callbacks read. A `Recorder` with `metrics` is always among its callbacks."""
@@ -424,6 +518,7 @@ class TinyLearner(CallbackHost, RunStateView):
             if training: self._step()
             self._fire('after_batch')
             self.state.count_batch()
+        self.state.end_phase()
         self._fire('after_train' if training else 'after_validate')
 
     def _step(self) -> None:

@@ -54,6 +54,7 @@ class RunState:
         self.pending_callbacks = None                         # a resumed fit's callback states, until `begin`
         self.pending_loads: list = []                         # (object, its state): loaded again at `begin`
         self.dl = self.dl_name = self.xb = self.yb = self.pred = self.loss = self.loss_grad = None
+        self.in_batch = False                                 # from a batch's start to its phase's end (`learn.log`)
         self._last_graph = None                               # the batch before's graph, until this one's exists
 
     def check_fit(self,
@@ -89,7 +90,7 @@ class RunState:
         first = 0 if self.epoch != s['epoch'] or s['phase'] == 'end' or not training else \
                 None if s['phase'] == 'valid' else s['iter']
         if first is None: return None
-        self.training, self.dl, self.dl_name, self.n_iter = training, plan.dl, plan.name, plan.length()
+        self.training, self.dl, self.dl_name, self.n_iter, self.in_batch = training, plan.dl, plan.name, plan.length(), False
         self.iter, self.phase_begun = first - 1, True                # no batch of this phase done yet
         return first
 
@@ -101,7 +102,7 @@ class RunState:
         until this one's loss exists (`set_loss`), so that autograd reuses the parameters' gradient accumulators
         instead of building new ones every batch (as a hand-written loop's `loss` variable does)."""
         self._last_graph = self.loss_grad
-        self.xb, self.yb, self.pred, self.loss, self.loss_grad = xb, yb, None, None, None
+        self.xb, self.yb, self.pred, self.loss, self.loss_grad, self.in_batch = xb, yb, None, None, None, True
         if self.n_inp is None and yb: self.n_inp = len(xb)     # the model's inputs: from its first batch with targets
 
     def set_loss(self,
@@ -162,6 +163,12 @@ def begin(self: RunState,
     if self.pending_rng is not None and not (self.fitting and self.start['phase'] != 'end'):
         set_rng_state(self.pending_rng, generators)
         self.pending_rng = None
+
+# %% ../nbs/01_state.ipynb #80498ef1
+@patch
+def end_phase(self: RunState) -> None:
+    "The phase's batches are over (right before `after_train` / `after_validate`): `in_batch` is False until the next batch."
+    self.in_batch = False
 
 # %% ../nbs/01_state.ipynb #d184a5c6
 @patch
