@@ -5,16 +5,17 @@
 # %% ../nbs/07_progress.ipynb #b2617536
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
 from fastprogress import fastprogress as fp
 
-from .core import Callback
+from .core import Callback, patch
 
 # %% auto #0
-__all__ = ['format_row', 'format_time', 'format_comment', 'PlainTable', 'ProgressCallback']
+__all__ = ['format_row', 'format_time', 'format_comment', 'PlainTable', 'ProgressCallback', 'progress_shows']
 
 # %% ../nbs/07_progress.ipynb #0853c6d9
 def format_row(values: list,   # One row's cells: floats get 4 decimals (or 'nan'), anything else `str()`
@@ -60,16 +61,23 @@ class PlainTable:
 
 # %% ../nbs/07_progress.ipynb #b79c5f0d
 class ProgressCallback(Callback):
-    "fastprogress bars with the running loss and metrics, and a table row per epoch."
+    """fastprogress bars with the running loss and metrics, and a table row per epoch; or, for sweeps, one line per
+    fit (`show='summary'`, or every progress callback within `progress_shows('summary')`)."""
     order = 60
     runs_in_lr_find = True
     main_process_only = True
+    show = 'table'                     # what every progress callback shows unless it was given its own
 
     def __init__(self,
                  refresh_every: float = 0.2,   # Seconds at least between refreshes of the running values (a sync each)
+                 show: str | None = None,      # 'table' (bars, a row per epoch), 'summary' (a line per fit); None: `show`
                  ):
-        self.refresh_every = refresh_every
+        if show not in (None, 'table', 'summary'): raise ValueError(f"show should be 'table' or 'summary', got {show!r}")
+        self.refresh_every, self._show = refresh_every, show
         self.mbar = self.pbar = None
+
+    def _summary(self) -> bool: return (self._show or ProgressCallback.show) == 'summary'
+
 
     _in_fit = False
 
@@ -83,10 +91,11 @@ class ProgressCallback(Callback):
     def before_fit(self, learn):
         # the master bar shows itself at its first update (before_epoch): calling its on_iter_begin here as well
         # would leave a second, empty bar behind in a notebook
-        self.mbar = fp.master_bar(range(learn.n_epochs)) if self.animated() else PlainTable()
-        self._header_written, self._in_fit, self._started = False, True, False
+        self.mbar = None if self._summary() else fp.master_bar(range(learn.n_epochs)) if self.animated() else PlainTable()
+        self._header_written, self._in_fit, self._started, self._t0 = False, True, False, time.perf_counter()
 
     def before_epoch(self, learn):
+        if self.mbar is None: return                    # a line per fit: nothing until it ends
         if not self._started: self._start(learn)
         if learn.epoch: self.mbar.update(learn.epoch)
 
@@ -102,7 +111,7 @@ class ProgressCallback(Callback):
         for row in past: self._write_row(row)
 
     def _start_bar(self, learn):
-        if not self.animated(): return
+        if self._summary() or not self.animated(): return
         total = learn.n_iter if learn.n_iter is not None else 'noinfer'
         self.pbar = fp.progress_bar(range(learn.n_iter or 0), total=total, parent=self.mbar if self._in_fit else None, leave=False)
         self.pbar.update_every = 0      # we throttle by time ourselves; every update we send is drawn
@@ -130,7 +139,7 @@ class ProgressCallback(Callback):
     def after_validate(self, learn): self._end_bar()
 
     def after_epoch(self, learn):
-        if learn.fit_method == 'lr_find' or not learn.state.last_row: return   # lr_find's epochs are no rows
+        if learn.fit_method == 'lr_find' or not learn.state.last_row or self.mbar is None: return   # (lr_find: no rows)
         self._write_row(learn.state.last_row)
 
     def _write_row(self, row: dict):
@@ -142,8 +151,28 @@ class ProgressCallback(Callback):
 
     def after_fit(self, learn):
         self._in_fit = False
-        if self.mbar is None: return
+        if self.mbar is None: return self._say_summary(learn)
         if self.pbar is not None:
             if learn.interrupted or self.pbar.last_v is not None: self.pbar.on_interrupt()
             self.pbar = None
         self.mbar.on_iter_end()
+
+# %% ../nbs/07_progress.ipynb #f14c8eff
+@patch
+def _say_summary(self: ProgressCallback, learn) -> None:
+    "The line a fit leaves in summary mode: the call, its learning rate and the last epoch's row (nothing for lr_find)."
+    if not self._summary() or learn.fit_method == 'lr_find' or not learn.recorder.history: return
+    row, group = learn.recorder.history[-1], learn.opt.param_groups[0]
+    cells = '  '.join(f'{k} {format_row([v])[0]}' for k, v in row.items() if k != 'time')
+    stopped = f', stopped by {learn.interrupted}' if learn.interrupted else ''
+    print(f"{learn.fit_method}({learn.n_epochs}, lr={group.get('initial_lr', group['lr']):g}): {cells}  "
+          f"({format_time(time.perf_counter() - self._t0)}{stopped})", flush=True)
+
+@contextlib.contextmanager
+def progress_shows(show: str,   # 'summary': one line per fit; 'table': bars and a row per epoch
+                   ):
+    "Within it, every `ProgressCallback` that was not given its own `show` shows `show` (for a sweep of fits)."
+    if show not in ('table', 'summary'): raise ValueError(f"show should be 'table' or 'summary', got {show!r}")
+    before, ProgressCallback.show = ProgressCallback.show, show
+    try: yield
+    finally: ProgressCallback.show = before
