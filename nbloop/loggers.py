@@ -160,13 +160,22 @@ class TensorBoardLogger(Callback):
                  ):
         self.log_dir = Path(log_dir)
         self.run_dir = None
-        self.writers: dict = {}
+        self._writers: dict = {}
 
     @property
     def name(self) -> str: return 'tensorboard_logger'
 
+    @property
+    def writers(self) -> dict:
+        """The run's `SummaryWriter`s, 'train' and 'validation' (made on first use): for values of your own beside
+        the logger's, from its `before_fit` on (`learn.log(name=value)` needs no writer at all)."""
+        if getattr(self, '_root', None) is None:
+            raise RuntimeError("TensorBoardLogger's writers exist once its before_fit has run (order 70): read them in "
+                               "a later event, or log your values with learn.log(name=value), which reaches TensorBoard too")
+        return {which: self._writer(which) for which in ('train', 'validation')}
+
     def before_fit(self, learn: Learner):
-        self.run_dir, self.writers, self._purge, self._step = None, {}, None, None
+        self.run_dir, self._writers, self._purge, self._step = None, {}, None, None
         self._hp, self._names = _hparams(learn), ['valid_loss', *learn.recorder.metric_names]
         self._root = self.log_dir if self.log_dir.is_absolute() else learn.path / self.log_dir
         learn.recorder.listeners.append(self._write_batches)     # the training batches, as the Recorder flushes them
@@ -175,16 +184,16 @@ class TensorBoardLogger(Callback):
     def _writer(self, which: str):
         from torch.utils.tensorboard import SummaryWriter
         if self.run_dir is None: self.run_dir = _new_run_dir(self._root)
-        if which not in self.writers:
+        if which not in self._writers:
             if self._purge is not None: _wait_to_sort_last(self.run_dir / which)
-            self.writers[which] = SummaryWriter(str(self.run_dir / which), purge_step=self._purge)
+            self._writers[which] = SummaryWriter(str(self.run_dir / which), purge_step=self._purge)
             if which == 'train' and self._purge is None: self._write_hparams_start()
-        return self.writers[which]
+        return self._writers[which]
 
     def _write_hparams_start(self):
         from torch.utils.tensorboard.summary import hparams
         exp, ssi, _ = hparams(self._hp, {f'hparam/{n}': 0. for n in self._names})
-        fw = self.writers['train'].file_writer
+        fw = self._writers['train'].file_writer
         fw.add_summary(exp); fw.add_summary(ssi)
 
     def _write_batches(self, rows: list[tuple]):
@@ -211,29 +220,29 @@ class TensorBoardLogger(Callback):
             if col in row and not col.startswith('train_'):
                 which, tag = ('validation', col[6:]) if col.startswith('valid_') else ('train', col)
                 self._writer(which).add_scalar(tag, row[col], learn.train_iter)
-        for w in self.writers.values(): w.flush()
+        for w in self._writers.values(): w.flush()
 
     def after_fit(self, learn: Learner):
         try:
             learn.recorder.flush()
             row = learn.recorder.history[-1] if learn.recorder.history else None     # the fit's last row, whenever it ended
-            if row is not None and 'valid_loss' in row and 'train' in self.writers:
+            if row is not None and 'valid_loss' in row and 'train' in self._writers:
                 from torch.utils.tensorboard.summary import hparams
-                w = self.writers['train']
+                w = self._writers['train']
                 _, _, sei = hparams(self._hp, {f'hparam/{n}': row[n] for n in self._names})
                 w.file_writer.add_summary(sei)
                 for n in self._names: w.add_scalar(f'hparam/{n}', row[n], learn.train_iter)
         finally:
             if self._write_batches in learn.recorder.listeners: learn.recorder.listeners.remove(self._write_batches)
             if self._write_logged in learn.recorder.log_listeners: learn.recorder.log_listeners.remove(self._write_logged)
-            for w in self.writers.values(): w.close()
-            self.writers = {}
+            for w in self._writers.values(): w.close()
+            self._writers, self._root = {}, None
 
     def state_dict(self) -> dict:
         """The run folder and the last step written: a resumed fit continues in that folder, dropping later events.
         The learner has the Recorder flush first, so every batch so far is written."""
-        if not self.writers: return {'run_dir': None, 'records_only': True}      # nothing written (yet)
-        for w in self.writers.values(): w.flush()
+        if not self._writers: return {'run_dir': None, 'records_only': True}      # nothing written (yet)
+        for w in self._writers.values(): w.flush()
         return {'run_dir': str(self.run_dir), 'step': self._step if self._step is not None else 0, 'records_only': True}
 
     def check_state_dict(self,
@@ -247,5 +256,5 @@ class TensorBoardLogger(Callback):
                         ) -> None:
         self.check_state_dict(state)
         if state.get('run_dir') is None: return
-        for w in self.writers.values(): w.close()
-        self.writers, self.run_dir, self._purge = {}, Path(state['run_dir']), state['step'] + 1
+        for w in self._writers.values(): w.close()
+        self._writers, self.run_dir, self._purge = {}, Path(state['run_dir']), state['step'] + 1

@@ -157,7 +157,7 @@ class ProgressCallback(Callback):
             self.pbar = None
         self.mbar.on_iter_end()
 
-# %% ../nbs/07_progress.ipynb #f14c8eff
+# %% ../nbs/07_progress.ipynb #cf5325d1
 @patch
 def _say_summary(self: ProgressCallback, learn) -> None:
     "The line a fit leaves in summary mode: the call, its learning rate and the last epoch's row (nothing for lr_find)."
