@@ -162,10 +162,10 @@ class ProgressCallback(Callback):
 def _say_summary(self: ProgressCallback, learn) -> None:
     "The line a fit leaves in summary mode: the call, its learning rate and the last epoch's row (nothing for lr_find)."
     if not self._summary() or learn.fit_method == 'lr_find' or not learn.recorder.history: return
-    row, group = learn.recorder.history[-1], learn.opt.param_groups[0]
+    row, lrs = learn.recorder.history[-1], learn.recorder.lrs or [learn.opt.param_groups[0]['lr']]
     cells = '  '.join(f'{k} {format_row([v])[0]}' for k, v in row.items() if k != 'time')
-    stopped = f', stopped by {learn.interrupted}' if learn.interrupted else ''
-    print(f"{learn.fit_method}({learn.n_epochs}, lr={group.get('initial_lr', group['lr']):g}): {cells}  "
+    stopped, rate = f', stopped by {learn.interrupted}' if learn.interrupted else '', 'lr_max' if len(set(lrs)) > 1 else 'lr'
+    print(f"{learn.fit_method}({learn.n_epochs}, {rate}={max(lrs):g}): {cells}  "       # (the first group's peak rate)
           f"({format_time(time.perf_counter() - self._t0)}{stopped})", flush=True)
 
 @contextlib.contextmanager

@@ -262,7 +262,7 @@ def log(self: Recorder,
         state: RunState,     # The learner's state: in a batch or not, training or not, which epoch and batch
         **values,            # Numbers or one-element tensors by name
         ) -> None:
-    "Take what `learn.log` gave (see `RecorderView.log`): a batch's values wait, on their device, for the next `flush`."
+    "Take what `learn.log` gave (see `RecorderView`): a batch's values wait, on their device, for the next `flush`."
     if not state.fitting and not state.in_batch:
         raise RuntimeError('learn.log records values of a fit or an evaluation, from its callbacks or its loss; no fit is running')
     for name, value in values.items():

@@ -120,7 +120,7 @@ def test_every_public_name_has_a_signature_on_a_reference_page(build):
     missing = []
     for name in own_names():
         obj = getattr(nbloop.all, name)
-        if callable(obj): found = re.search(rf'\b(def|class) {re.escape(name)}\(', text)
+        if callable(obj): found = re.search(rf'\b(def {re.escape(name)}\(|class {re.escape(name)}\b)', text)
         else: found = re.search(rf'\b{re.escape(name)}\b', text)     # a constant: named on a page
         if not found: missing.append(name)
     assert not missing, f'not on a reference page with a signature: {missing}'
@@ -285,3 +285,67 @@ def test_with_quarto_the_build_runs_quarto_render_in_proc(build, tmp_path, monke
     assert {'_quarto.yml', '09_learner.ipynb', 'tutorials'} <= set(called[1:])
     assert (tmp_path / 'site' / 'index.html').read_text() == 'rendered\n'
     assert 'show_doc' in (PROC / '09_learner.ipynb').read_text()      # nbdev's processed pages were rendered
+
+
+def test_classes_show_as_python_says_them(build):
+    """A class's block says `class Name(bases):` with its `__init__`, not `def Name(`; an Enum lists its members
+    (not Enum's internals), a NamedTuple its fields with their types (not ForwardRef), a class with a builtin's
+    constructor no parameter table (issue 17, the docs site)."""
+    core, fmt, learner = (show_doc_outputs(Path(nb)) for nb in ('00_core.ipynb', '03_ckpt_format.ipynb', '09_learner.ipynb'))
+    event = next(d for d in core if '### Event\n' in d)
+    assert 'class Event(str, Enum):' in event and '`before_fit`' in event and '`qualname`' not in event, event[:800]
+    cpf = next(d for d in fmt if '### CheckpointFile\n' in d)
+    assert 'class CheckpointFile(NamedTuple):\n    path: Path\n    run: str | None' in cpf and 'ForwardRef' not in cpf, cpf[:800]
+    learn = next(d for d in learner if '### Learner\n' in d)
+    assert 'class Learner(CallbackHost, RunStateView' in learn and '    def __init__(' in learn and '| `model` |' in learn
+    callback = next(d for d in core if '### Callback\n' in d)
+    assert 'class Callback:' in callback and '*args' not in callback, callback[:600]
+    assert not [d.split('\n')[0] for nb in (core, fmt, learner) for d in nb if re.search(r'```python\ndef [A-Z]', d)]
+
+
+def test_code_is_never_cut_at_the_right(build):
+    "In a real browser, no code block or output of the reference's widest page runs past its box: long lines wrap."
+    from test_browser import CHROMIUM_ARGS, chromium_path
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            page = browser.new_page(viewport={'width': 1280, 'height': 900})
+            cut = {}
+            for name in ('09_learner.html', '11_checkpoint.html', 'tutorials/scaling.html'):
+                page.goto((SITE / name).as_uri())
+                cut[name] = page.evaluate("[...document.querySelectorAll('pre')].filter(p => p.scrollWidth > p.clientWidth + 1)"
+                                          ".map(p => p.innerText.split('\\n').sort((a, b) => b.length - a.length)[0].slice(0, 100))")
+                assert page.evaluate("document.querySelectorAll('pre').length") > 5, name
+        finally: browser.close()
+    assert not any(cut.values()), cut
+
+
+def test_a_writefile_cell_keeps_its_magic(build):
+    "The scaling tutorial's script cell shows its `%%writefile` line, so that it reads as the file it writes."
+    assert '%%writefile runs/scaling/train.py' in Page(SITE / 'tutorials' / 'scaling.html').all_text
+
+
+def test_pages_need_no_network_for_math(build):
+    "No page writes TeX for a script from a CDN to typeset: offline it showed raw `$e^{\\text{loss}}$`."
+    raw = {p.name: m.group(0) for p in SITE.rglob('*.html')
+           for m in [re.search(r'\\(?:text|frac|ln|cdot|sum)\b[^\n]{0,40}', Page(p).all_text)] if m}
+    assert not raw, raw
+
+
+def test_pages_say_their_version_and_tutorials_can_be_downloaded(build):
+    "Every page names the version it documents; a tutorial links to its notebook, which the site holds (issue 17)."
+    import nbloop
+    assert f'nbloop {nbloop.__version__}' in Page(SITE / 'index.html').all_text
+    for tut in (SITE / 'tutorials').glob('*.html'):
+        assert f'href="{tut.stem}.ipynb"' in tut.read_text(), tut.name
+        assert (SITE / 'tutorials' / f'{tut.stem}.ipynb').exists(), tut.name
+
+
+def test_reference_pages_have_titles_and_leave_tests_out(build):
+    "A reference page has a title, not its module's name, and shows no cell that only checks (`test_eq(...)`)."
+    learner = Page(SITE / '09_learner.html').all_text
+    assert 'Learner: the training loop' in learner
+    shown = [c['source'] for nb in LIBRARY for c in docs.page_cells(nbformat.read(PROC / nb, as_version=4))
+             if c['kind'] == 'code' and docs.only_checks(c['source'])]
+    assert not shown, shown[:3]

@@ -141,7 +141,32 @@ def _nbloop_param_table():
             rows.append(f'| `{star}{name}` | {cell(anno)} | {cell(default)} | {cell((notes or {}).get(name) or "")} |')
         if not rows: return ''
         return '\\n\\n|  | **Type** | **Default** | **Details** |\\n| -- | -------- | ----------- | ----------- |\\n' + '\\n'.join(rows)
-    BasicMarkdownRenderer._repr_markdown_ = lambda self: base(self) + table(self)
+    def is_builtin_init(cls):          # no constructor of its own: `object`'s, or a builtin base's (list, Exception)
+        return all(c.__module__ == 'builtins' for c in cls.__mro__ if '__init__' in vars(c))
+    def as_class(self, md):
+        "A class's block as Python says it: `class Name(bases):` and its `__init__`, an Enum's members, a NamedTuple's fields."
+        import enum, re
+        sym = self.sym
+        bases = ', '.join('NamedTuple' if b is tuple and hasattr(sym, '_fields') else b.__name__ for b in sym.__bases__ if b is not object)
+        head = f'class {sym.__name__}({bases}):' if bases else f'class {sym.__name__}:'
+        block = re.search(r'```python\\ndef \\w+\\(\\n?(.*?)\\n?\\)(?:\\s*->\\s*None)?:\\n```', md, re.DOTALL)
+        if block is None: return md, True
+        rows, show_table = '', False
+        if issubclass(sym, enum.Enum):
+            code = head
+            rows = '\\n\\n**Members:** ' + ', '.join(f'`{m.name}`' for m in sym)
+        elif hasattr(sym, '_fields') and issubclass(sym, tuple):
+            notes = getattr(sym, '__annotations__', {})
+            code = head + ''.join(f'\\n    {f}: {getattr(notes.get(f), "__forward_arg__", notes.get(f, ""))}' for f in sym._fields)
+        elif is_builtin_init(sym): code = head
+        else:
+            params = '\\n'.join('    ' + line for line in block.group(1).splitlines())
+            code, show_table = f'{head}\\n    def __init__(\\n        self,\\n{params}\\n    ):', True
+        return md[:block.start()] + f'```python\\n{code}\\n```' + md[block.end():] + rows, show_table
+    def render(self):
+        md, show_table = as_class(self, base(self)) if inspect.isclass(self.sym) else (base(self), True)
+        return md + (table(self) if show_table else '')
+    BasicMarkdownRenderer._repr_markdown_ = render
 _nbloop_param_table()"""
 
 
@@ -310,6 +335,15 @@ def clean_outputs(cell: dict) -> None:
             if v is not None: o['data'][kind] = without_machine_paths(''.join(v) if isinstance(v, list) else v)
 
 
+CHECKS = re.compile(r'(test_(eq|fail|close|is|ne|eq_type|shuffled)\(|assert\s)')
+
+
+def only_checks(source: str) -> bool:
+    "Whether a code cell only checks (every line a `test_...(` or an `assert`): a test, not an example; pages leave it out."
+    lines = [l for l in source.splitlines() if l.strip() and not l.lstrip().startswith('#')]
+    return bool(lines) and all(CHECKS.match(l) or l.startswith((' ', ')', ']')) for l in lines) and CHECKS.match(lines[0]) is not None
+
+
 def render() -> None:
     """Steps 3 and 4: nbdev's processors into `_proc/`, then `quarto render` there as `nbdev_docs` does, or smalldocs.
     (`nbdev_docs` itself would also rewrite README.md with Quarto, which `make readme` writes in its own way.)"""
@@ -318,6 +352,11 @@ def render() -> None:
     shutil.rmtree(PROC, ignore_errors=True)
     os.chdir(ROOT)
     proc_nbs(str(STAGE), n_workers=0, force=True)
+    magics = {}            # nbdev drops cell magics from pages; a `%%writefile` says what the cell is: it stays
+    for nb in STAGE.rglob('*.ipynb'):
+        for cell in json.loads(nb.read_text()).get('cells', []):
+            src = ''.join(cell.get('source', ''))
+            if src.startswith('%%writefile'): magics[(str(nb.relative_to(STAGE)), cell.get('id'))] = src.split('\n', 1)[0]
     quarto = shutil.which('quarto') is not None
     pages = {}     # Quarto names a page by its `output-file`; smalldocs by the notebook's name
     for nb in PROC.rglob('*.ipynb'):
@@ -325,16 +364,25 @@ def render() -> None:
         for i, cell in enumerate(data['cells']):
             cell.setdefault('id', f'nbloop-proc-{i}')    # nbdev's processors add cells (around show_doc) without ids
             clean_outputs(cell)
+            if (str(nb.relative_to(PROC)), cell.get('id')) in magics:
+                cell['source'] = magics[(str(nb.relative_to(PROC)), cell['id'])] + '\n' + ''.join(cell['source'])
             src = ''.join(cell.get('source', ''))
+            if cell.get('cell_type') == 'code' and only_checks(src): cell['source'] = ''   # a test (its output is no example)
             m = None if quarto else re.search(r'output-file: ([\w.-]+)\.html\n?', src)
             if m:
                 pages[str(nb.relative_to(PROC).parent / m.group(1))] = str(nb.relative_to(PROC).with_suffix(''))
                 cell['source'] = src.replace(m.group(0), '')
+        data['cells'] = [c for c in data['cells'] if c.get('cell_type') != 'code' or ''.join(c.get('source', '')).strip()]
+        if nb.relative_to(PROC).parts[0] == 'tutorials':   # a tutorial page links to its notebook, copied beside it
+            link = f'<p class="download"><a href="{nb.name}" download>Download this notebook</a></p>'
+            data['cells'].insert(1, {'cell_type': 'markdown', 'id': 'nbloop-download', 'metadata': {}, 'source': link})
         nb.write_text(json.dumps(data, indent=1))
     if quarto: subprocess.run(['quarto', 'render', '--no-cache'], cwd=PROC, check=True)
     else: subprocess.run([str(bin_ / 'smalldocs'), 'render', '--strict', '--quiet', str(PROC)], cwd=ROOT, check=True)
     shutil.rmtree(SITE, ignore_errors=True)
     shutil.move(str(PROC / '_docs'), str(SITE))
+    (SITE / 'tutorials').mkdir(parents=True, exist_ok=True)
+    for nb in (ROOT / 'nbs' / 'tutorials').glob('*.ipynb'): shutil.copy(nb, SITE / 'tutorials' / nb.name)   # to download
     if not quarto: relink(pages)
 
 
@@ -368,6 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(BUILD, ignore_errors=True)
     shutil.copytree(ROOT / 'nbs', STAGE, ignore=shutil.ignore_patterns('.ipynb_checkpoints', 'runs', 'checkpoints',
                                                                       'models', 'ddp_run', '*.safetensors'))
+    version = re.search(r"__version__ = ['\"](.+?)['\"]", (ROOT / 'nbloop' / '__init__.py').read_text()).group(1)
+    quarto_yml = STAGE / '_quarto.yml'       # the site says which version it documents, beside its name
+    quarto_yml.write_text(quarto_yml.read_text().replace('title: "nbloop"', f'title: "nbloop {version}"', 1))
     use_this_python(BUILD / 'jupyter')
     timings = {}
     for path in notebooks(STAGE):
