@@ -77,8 +77,9 @@ class CSVLogger(Callback):
     def after_epoch(self, learn: Learner):
         learn.recorder.flush()                          # every training batch of the epoch, before its valid row
         if self.columns is None: self._set_columns()
-        row, extra = learn.state.last_row, [c for c in learn.recorder.log_columns if c in self.columns]
-        for name in [c for c in learn.recorder.log_columns if c not in self.columns and c not in self._told]:
+        row, logged = learn.state.last_row, learn.recorder.log_columns
+        extra = [c for c in logged if c in self.columns]
+        for name in [c for c in logged if c not in self.columns and c not in self._told]:
             warnings.warn(f"{self.path} got its columns at its first row, before '{name}' was logged: '{name}' is in "
                           f"learn.recorder.history, not in the file (log it from the first batch on to have it there)")
             self._told.add(name)
