@@ -17,11 +17,16 @@ Contenders:
              and the accuracy metric
   liveplot   (--liveplot) the same plus LivePlotCallback rendering to an off-screen canvas
 
-Usage: python benchmarks/overhead.py [--rounds 15] [--epochs 4] [--width 64] [--liveplot] [--floor]
+  --parts    also times the hand-written loop without its accuracy line, the Learner without metrics, and the Learner
+             without callbacks or metrics (bare), and prints the Learner's extra time split into the loop itself,
+             its callbacks and its metric
+
+Usage: python benchmarks/overhead.py [--rounds 15] [--epochs 4] [--width 64] [--liveplot] [--floor] [--parts]
 Goal: learner/plain <= 1.03. Peers on the same job (issue 20): ignite 1.12, fastai 2.06, Lightning 2.63.
 """
 import argparse
 import io
+import statistics
 import time
 from contextlib import redirect_stdout
 
@@ -32,11 +37,13 @@ from nbloop.core import Callback
 from nbloop.learner import Learner
 from nbloop.metrics import accuracy
 from nbloop.plots import LivePlotCallback
+from nbloop.progress import ProgressCallback
+from nbloop.recorder import Recorder
 from common import data, interleaved, mlp, report, train_epoch
 
 
-def plain_loop(epochs, train, valid, width=64, ends=None):
-    "The hand-written loop; `ends` (a list) gets (wall, CPU) times at the end of every epoch."
+def plain_loop(epochs, train, valid, width=64, ends=None, hits=True):
+    "The hand-written loop (`hits`: with its accuracy); `ends` (a list) gets (wall, CPU) times at the end of every epoch."
     model = mlp(width)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(epochs):
@@ -47,7 +54,7 @@ def plain_loop(epochs, train, valid, width=64, ends=None):
             for xb, yb in valid:
                 pred = model(xb)
                 total += F.cross_entropy(pred, yb, reduction='sum')
-                correct += (pred.argmax(1) == yb).sum()
+                if hits: correct += (pred.argmax(1) == yb).sum()
                 n += len(yb)
         print(f'{float(total / n):.4f} {float(correct / n):.4f}')   # the epoch's results, as a loop reports them
         if ends is not None: ends.append((time.perf_counter(), time.process_time()))
@@ -86,12 +93,13 @@ class EpochEnds(Callback):
     def after_epoch(self, learn): self.ends.append((time.perf_counter(), time.process_time()))
 
 
-def learner_loop(epochs, train, valid, cbs=(), width=64, ends=None):
-    "The same job with a Learner; `ends` (a list) gets (wall, CPU) times at the end of every epoch."
+def learner_loop(epochs, train, valid, cbs=(), width=64, ends=None, metrics=(accuracy,), bare=False):
+    """The same job with a Learner; `ends` (a list) gets (wall, CPU) times at the end of every epoch. `bare`: without
+    its default callbacks (the Recorder and progress), so that only the loop itself runs."""
     cbs = [*cbs, EpochEnds(ends)] if ends is not None else list(cbs)
-    learn = Learner(mlp(width), train, valid, opt_func=torch.optim.SGD, lr=0.1, metrics=[accuracy], device='cpu',
+    learn = Learner(mlp(width), train, valid, opt_func=torch.optim.SGD, lr=0.1, metrics=list(metrics), device='cpu',
                     cbs=cbs)
-    learn.fit(epochs)
+    with learn.removed_cbs([Recorder, ProgressCallback] if bare else []): learn.fit(epochs)
 
 
 def per_epoch(run) -> tuple[float, float]:
@@ -108,6 +116,7 @@ def main():
     ap.add_argument('--width', type=int, default=64, help='hidden width of the MLP (64: the job; 512: real work dominates)')
     ap.add_argument('--liveplot', action='store_true', help='also time the Learner with LivePlotCallback')
     ap.add_argument('--floor', action='store_true', help="also time the hand-written loop that keeps the Learner's records")
+    ap.add_argument('--parts', action='store_true', help='also time the parts of the difference (see below)')
     args = ap.parse_args()
     if args.epochs < 2: ap.error('--epochs must be at least 2 (the first epoch is the warm-up)')
     if args.rounds < 2: ap.error('--rounds must be at least 2 (quartiles need two)')
@@ -120,11 +129,32 @@ def main():
     if args.liveplot:
         contenders['liveplot'] = lambda: per_epoch(
             lambda ends: learner_loop(e, train, valid, [LivePlotCallback(mode='offscreen')], w, ends))
+    if args.parts:
+        contenders['plain_nohits'] = lambda: per_epoch(lambda ends: plain_loop(e, train, valid, w, ends, hits=False))
+        contenders['bare'] = lambda: per_epoch(lambda ends: learner_loop(e, train, valid, (), w, ends, (), bare=True))
+        contenders['nometrics'] = lambda: per_epoch(lambda ends: learner_loop(e, train, valid, (), w, ends, ()))
     wall, cpu = interleaved(contenders, args.rounds)
     print(f'torch {torch.__version__}, one process, one thread; MLP 32->{w}->10, 16k + 4k samples, batch 64; '
           f'{args.rounds} interleaved rounds, ms per epoch (epochs 2..{e} of each fit):')
     report(wall, cpu, [('learner', 'plain', '<= 1.03')] + ([('floor', 'plain', None), ('learner', 'floor', None)]
                        if args.floor else []) + ([('liveplot', 'learner', '<= 1.02')] if args.liveplot else []))
+    if args.parts: report_parts(wall)
+
+
+def report_parts(wall: dict) -> None:
+    """The Learner's extra time per epoch, part by part: medians over the rounds of differences measured in the same
+    round. Forward, loss, backward, step and data are the same calls in both loops, so what differs is:
+    the loop itself (the bare Learner, without callbacks or metrics, against the loop without its hits line),
+    the callbacks (the Recorder and progress: the Learner without metrics against the bare one), and the metric
+    (accuracy in the Learner against the hits line of the hand-written loop)."""
+    med = lambda f: statistics.median(f(r) for r in range(len(wall['plain']))) * 1000
+    plain = med(lambda r: wall['plain'][r])
+    parts = [('loop', lambda r: wall['bare'][r] - wall['plain_nohits'][r]),
+             ('callbacks', lambda r: wall['nometrics'][r] - wall['bare'][r]),
+             ('metrics', lambda r: (wall['learner'][r] - wall['nometrics'][r]) - (wall['plain'][r] - wall['plain_nohits'][r])),
+             ('total', lambda r: wall['learner'][r] - wall['plain'][r])]
+    print(f'the Learner\'s extra time per epoch, by part (medians of per-round differences; plain: {plain:.1f} ms):')
+    for name, f in parts: print(f'{name:>10}: {med(f):+6.2f} ms  ({med(f) / plain * 100:+.1f}% of plain)')
 
 
 if __name__ == '__main__':

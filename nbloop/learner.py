@@ -5,6 +5,7 @@
 # %% ../nbs/09_learner.ipynb #ab97da21
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -119,47 +120,51 @@ class _NoStep(LoopCancel, CancelBatchException):
 
 @patch
 def _one_batch(self: Learner) -> None:
-    """Forward and loss in the runtime's batch context; in training, backward and the optimizer step through the
-    runtime. An event is fired only when it has handlers (a dict lookup here instead of a call: most have none)."""
-    state, runtime = self.state, self.runtime          # (locals: this runs every batch, and reads them often)
+    """before_batch, forward and loss in the runtime's batch context; in training, backward and step through the runtime.
+    An event is fired only when it has handlers (a dict lookup here instead of a call: most have none)."""
+    state, runtime, events = self.state, self.runtime, self._dispatch   # (locals: this runs every batch)
+    if 'before_batch' in events: self._fire('before_batch')
     try:
         with runtime.batch_context(state.training, state.iter, state.n_iter):   # precision; accumulating: no all-reduce
             state.pred = call_model(self.model, state.xb, state.dl_name, first=state.iter == 0)
-            if 'after_pred' in self._dispatch: self._fire('after_pred')
+            if 'after_pred' in events: self._fire('after_pred')
             state.set_loss(compute_loss(self.loss_func, state.pred, state.yb, state.training))
-            if 'after_loss' in self._dispatch: self._fire('after_loss')
+            if 'after_loss' in events: self._fire('after_loss')
     except CancelBatchException:                 # cancelled before its loss was complete: the batch counts for nothing
         state.forget_batch()
         raise
     if not state.training: return
-    if 'before_backward' in self._dispatch: self._fire('before_backward')
+    if 'before_backward' in events: self._fire('before_backward')
     runtime.backward(state.loss_grad)
-    if 'after_backward' in self._dispatch: self._fire('after_backward')
+    if 'after_backward' in events: self._fire('after_backward')
     if not runtime.steps: raise _NoStep()                              # accumulating: the group's last batch steps
-    if 'before_step' in self._dispatch: self._fire('before_step')
+    if 'before_step' in events: self._fire('before_step')
     runtime.step(self.opt)
-    if 'after_step' in self._dispatch: self._fire('after_step')
+    if 'after_step' in events: self._fire('after_step')
     self.opt.zero_grad(set_to_none=True)
 
 # %% ../nbs/09_learner.ipynb #c4d8a1f0
 _PHASES = {True: ('train', CancelTrainException), False: ('validate', CancelValidateException)}
 
 @patch
-def _phase(self: Learner, plan: EpochPlan, training: bool) -> None:
-    "One pass over `plan`: training (from where a resumed fit continues) or validation, between its events."
-    if (first := self.state.new_phase(training, plan)) is None: return   # resumed after this epoch's training
+def _phase(self: Learner, plan: EpochPlan | None, training: bool) -> None:
+    "One pass over `plan` (None: no data, no phase): training (from where a resumed fit continues) or validation."
+    if plan is None or (first := self.state.new_phase(training, plan)) is None: return   # resumed past this phase
     self.model.train(training)
     self._with_events(*_PHASES[training], lambda: self._batches(plan.epoch(first)), self.state.end_phase)
 
 @patch
 def _batches(self: Learner, batches: Iterator) -> None:
-    "The phase's batches; a resumed fit first puts back the random states the interrupted one had here."
+    "The phase's batches, each up to its after_batch (written out, not through `_with_events`: one call less per batch)."
     state, runtime = self.state, self.runtime          # (locals: this runs every batch)
     state.arrive(data_generators(self.train_dl, self.valid_dl))
     with runtime.phase_context(state):                 # no gradients in validation; at the end, the stop vote
         for state.iter, batch in batches:                               # (the state's attributes: no property reads)
-            state.new_batch(*split_batch(runtime.to_device(batch), state.dl_name, state.n_inp, state.predicting))
-            self._with_events('batch', CancelBatchException, self._one_batch, state.count_batch)
+            state.new_batch(*runtime.split_batch(batch, state))        # inputs and targets, on the device
+            try: self._one_batch()
+            except CancelBatchException as e: self._cancelled(e, 'after_cancel_batch')
+            state.count_batch()
+            self._fire('after_batch')
             runtime.check_stop(state, state.training)                   # SIGINT/SIGTERM: stop at this boundary
 
 # %% ../nbs/09_learner.ipynb #b7e2d913
@@ -173,8 +178,7 @@ def _epochs(self: Learner) -> None:
 @patch
 def _one_epoch(self: Learner) -> None:
     "Train (unless a resumed fit continues at this epoch's validation), then validate if there is a valid_dl."
-    self._phase(self.train_plan, True)
-    if self.valid_plan is not None: self._phase(self.valid_plan, False)
+    for plan, training in (self.train_plan, True), (self.valid_plan, False): self._phase(plan, training)
 
 # %% ../nbs/09_learner.ipynb #a1f04c2e
 @patch
@@ -194,14 +198,11 @@ def _fit(self: Learner, n_epochs: int, resume, method: str, cbs: Sequence = ()) 
     "What `fit`, `fit_one_cycle` and `lr_find` run: plan the data, read the checkpoint to resume, fire the fit's events."
     self.train_plan, self.valid_plan = epoch_plans(self.train_dl, self.valid_dl, self.runtime)
     self.state.reset(n_epochs, self.train_plan.total_steps(n_epochs), method)
-    added = self.add_cbs(cbs) if cbs else []
-    try:
+    with self.added_cbs(cbs) if cbs else contextlib.nullcontext():      # callbacks for this call only
         resumed = None if resume is None else self._read_resume(resume)   # checked whole; nothing changed yet
         with self.runtime.fitting(self.state, self.cbs):   # signals (and the interrupt's exit); precision, ...
             if resumed is not None: self.load_state_dict(resumed)        # callbacks' states: after before_fit
             self._with_events('fit', CancelFitException, self._epochs)
-    finally:
-        if added: self.remove_cbs(added)
 
 # %% ../nbs/09_learner.ipynb #c076f7ca
 @patch

@@ -151,26 +151,41 @@ class ObjectMetric(Metric):
 
 # %% ../nbs/06_metrics.ipynb #aabd01a2
 class CountMetric(Metric):
-    "A ratio of integer counts: `counts(pred, targ) -> (hits, total)` summed on the device, divided once at the end."
+    """A ratio of integer counts: `counts(pred, targ) -> (hits, total)` summed on the device, divided once at the end.
+    A `counts` function may also reduce a batch to rows, `counts.rows(pred, targ)` (a tuple of tensors of one row
+    per sample, or None for a batch it counts at once), that `counts.of_rows(*rows)` counts many batches at a time:
+    fewer device ops per batch (`accuracy` keeps each sample's largest logit and its class)."""
+    fold_every = 1 << 16   # rows (samples) kept before they are counted
     def __init__(self,
                  counts: Callable,   # `counts(pred, targ) -> (hits, total[, NaN predictions: any makes the value NaN])`
                  name: str,          # The history column's name
                  ):
         self.counts, self.name, self.reads_classes = counts, name, getattr(counts, 'reads_classes', False)
+        self.rows = getattr(counts, 'rows', None)
         self.reset()
-    def reset(self): self.counted = []          # each batch's counts, summed once, at the end
+    def reset(self): self.counted, self._rows, self._n = [], [], 0   # counts summed, and rows counted, at the end
     def update(self,
                pred,   # The model's output for the batch (`learn.pred`)
                targ,   # The batch's target (`learn.yb[0]`)
                ):
-        self.counted.append(self.counts(pred, targ))      # no device op per batch
+        rows = None if self.rows is None else self.rows(pred, targ)
+        if rows is None: return self.counted.append(self.counts(pred, targ))   # no sync per batch, either way
+        self._rows.append(rows)
+        self._n += len(rows[0])
+        if self._n >= self.fold_every: self._fold()
+    def _fold(self) -> None:
+        "Count the rows kept so far, all at once."
+        if self._rows: self.counted.append(self.counts.of_rows(*map(torch.cat, zip(*self._rows))))
+        self._rows, self._n = [], 0
     def compute(self) -> float:
+        self._fold()
         if not self.counted: return math.nan
         hits, total, *unread = _count_sums(self.counted)     # sync point: once per epoch
         return hits / total if total and not any(unread) else math.nan   # Python ints: one rounding
     def sync(self,
              gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
              ):
+        self._fold()
         self.counted = [_summed(gather, *_count_sums(self.counted))]   # no batches here: 0 of 0
 
 def _count_sums(counted: list) -> list:
@@ -238,6 +253,17 @@ def _accuracy_counts(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tens
     hits = predicted_class(pred, targ) == (targ.long() if targ.is_floating_point() else targ)
     return hits.count_nonzero(), (targ != _IGNORE).count_nonzero(), pred.isnan().count_nonzero()
 
+def _class_rows(pred: torch.Tensor, targ: torch.Tensor) -> tuple | None:
+    """Logits `(N, C)` of targets `(N,)` as rows: each sample's largest logit (NaN if one is: `max` propagates it)
+    and its class (the argmax's), and its target; one device op. Other shapes: None, counted at once."""
+    if targ.ndim != 1 or pred.ndim != 2 or pred.shape[1] == 1: return None
+    return (*pred.max(dim=1), targ)
+
+def _count_class_rows(top: torch.Tensor, classes: torch.Tensor, targ: torch.Tensor) -> tuple:
+    "`_accuracy_counts` of the rows of many batches."
+    hits = classes == (targ.long() if targ.is_floating_point() else targ)
+    return hits.count_nonzero(), (targ != _IGNORE).count_nonzero(), top.isnan().count_nonzero()
+
 def accuracy(pred: torch.Tensor,   # Logits or scores, read by `predicted_class`
              targ: torch.Tensor,   # The target classes; those equal to -100 (padding) are not counted
              ) -> torch.Tensor:
@@ -246,6 +272,7 @@ def accuracy(pred: torch.Tensor,   # Logits or scores, read by `predicted_class`
     return (correct / counted).where(unread == 0, math.nan)
 
 accuracy.counts, _accuracy_counts.reads_classes = _accuracy_counts, True
+_accuracy_counts.rows, _accuracy_counts.of_rows = _class_rows, _count_class_rows
 
 # %% ../nbs/06_metrics.ipynb #27b17ac9
 def top_k_accuracy(k: int = 5,   # How many of the highest predictions may hold the target (>= 1)

@@ -19,6 +19,7 @@ import torch
 
 from .core import (CancelFitException, LoopCancel, check_rng_state, check_trainable,
                          default_device, expect, is_index, patch, to_device)
+from .data import split_batch
 from .launch import get_rank, get_world_size, process_part
 from .ckpt_format import CheckpointMismatchError, check_tensors, save_state
 
@@ -79,6 +80,18 @@ class Runtime:
                 if all(map(_IS_CPU, items)): return items
             except AttributeError: pass                     # not only tensors: `to_device` walks it
         return to_device(items, self.device)
+
+    def split_batch(self,
+                    batch: Any,  # What the phase's dataloader yielded
+                    state,       # The learner's `RunState`: the source's name, the model's inputs, whether predicting
+                    ) -> tuple[tuple, tuple]:
+        """The batch's inputs and targets on the device: `data.split_batch` of `to_device(batch)`. On the CPU, a
+        batch of the expected length whose tensors are all there already is split at once (this runs every batch)."""
+        if self._cpu and type(batch) in (tuple, list) and len(batch) - 1 == state.n_inp:
+            try:
+                if all(map(_IS_CPU, batch)): return tuple(batch[:-1]), (batch[-1],)
+            except AttributeError: pass                     # not only tensors: walked below
+        return split_batch(self.to_device(batch), state.dl_name, state.n_inp, state.predicting)
 
 # %% ../nbs/05_runtime.ipynb #6a1d3e5f
 @patch
