@@ -257,7 +257,8 @@ def compare_checkpoints(learn: Learner,                   # The learner that eva
                 load_model_state(learn.model, state['model'], source=str(p))
                 tr = state.get('training') if isinstance(state.get('training'), dict) else {}
                 pos = tr.get('position') if isinstance(tr.get('position'), dict) else {}
-                epoch = pos.get('epoch', 0) - (1 if pos.get('phase') == 'end' else 0) if pos else None
+                old_end = pos.get('phase') == 'end' and tr.get('version', 1) == 1     # version 1: by the next epoch
+                epoch = pos.get('epoch', 0) - old_end if pos else None
                 res = learn.validate()
                 rows.append({**({'run': r} if len(runs) > 1 else {}), 'file': p.name, 'step': tr.get('train_iter'),
                              'epoch': epoch, **res})

@@ -594,7 +594,7 @@ def new_run_id() -> str:
     return os.urandom(4).hex()
 
 # %% ../nbs/03_ckpt_format.ipynb #4d0cb63d
-def checkpoint_name(position: dict,          # Where the run continues: {'epoch', 'iter', 'phase'}
+def checkpoint_name(position: dict,          # Where the run is: {'epoch', 'iter', 'phase'} (`RunState.position`)
                     train_iter: int,         # Training steps done so far
                     run: str | None = None,  # The run's id (8 hex digits); None leaves it out of the name
                     ) -> str:
@@ -602,7 +602,7 @@ def checkpoint_name(position: dict,          # Where the run continues: {'epoch'
     phase = position['phase']
     if phase == 'train': at = f"epoch{position['epoch']:04d}-batch{position['iter']}"
     elif phase == 'valid': at = f"epoch{position['epoch']:04d}-valid"
-    else: at = f"epoch{position['epoch'] - 1:04d}-end"
+    else: at = f"epoch{position['epoch']:04d}-end"
     return f"ckpt-step{train_iter:09d}{f'-run{run}' if run else ''}-{at}.safetensors"
 
 # %% ../nbs/03_ckpt_format.ipynb #23e5b4f7

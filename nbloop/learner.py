@@ -365,10 +365,12 @@ def _warn_about_length(source: str, saved: dict, total: int | None, state: RunSt
     if None not in (total, saved.get('total_steps')) and total != saved['total_steps']:
         warnings.warn(f"resuming a run of {saved['total_steps']} training steps as a run of {total}: schedules that "
                       f"depend on the run's length will differ from the original run")
-    if state.start['epoch'] >= state.n_epochs:
-        warnings.warn(f"{source} is at epoch {state.start['epoch']} ({state.start['phase']}), which is not before "
-                      f"{state.fit_method}({state.n_epochs}): there is nothing left to train. Pass more epochs to "
-                      f"continue training the resumed run.")
+    s = state.start
+    if s['epoch'] + (s['phase'] == 'end') >= state.n_epochs:      # (the loop begins after an ended epoch)
+        at = f"the end of epoch {s['epoch']}" if s['phase'] == 'end' else f"epoch {s['epoch']} ({s['phase']})"
+        warnings.warn(f"{source} is at {at}, and {state.fit_method}({state.n_epochs}) stops before epoch "
+                      f"{state.n_epochs}: there is nothing left to train. Pass more epochs to continue training the "
+                      f"resumed run.")
 
 # %% ../nbs/09_learner.ipynb #3d0f9a48
 @patch

@@ -43,7 +43,7 @@ class RunState:
         self.epoch = self.iter = self.train_iter = 0
         self.n_epochs, self.total_steps, self.fit_method = n_epochs, total_steps, fit_method
         self.n_iter, self.training, self.interrupted, self.resumed_from = None, False, None, None
-        self.start = {'epoch': 0, 'iter': 0, 'phase': 'end'}  # where the loop begins: a resumed fit's position
+        self.start = {'epoch': 0, 'iter': 0, 'phase': 'train'}  # where the loop begins: a resumed fit's position
         self.epoch_done = False                               # the epoch's row is final (from its end to the next)
         self.phase_begun = False                              # this epoch's first phase has begun
         self.row: dict = {}                                   # the current epoch's row, as the Recorder builds it
@@ -76,7 +76,7 @@ class RunState:
         """The fit's epochs, from the position it starts at (0, or a resumed fit's), after `begin` (a resumed fit's
         callback states); each epoch begins with its row not final."""
         self.begin(cbs, generators)
-        for self.epoch in range(self.start['epoch'], self.n_epochs):
+        for self.epoch in range(self.start['epoch'] + (self.start['phase'] == 'end'), self.n_epochs):   # after an end: the next
             self.epoch_done, self.phase_begun, self.last_row = False, False, {}
             yield self.epoch
 
@@ -173,20 +173,21 @@ def end_phase(self: RunState) -> None:
 # %% ../nbs/01_state.ipynb #d184a5c6
 @patch
 def position(self: RunState) -> dict:
-    """Where the fit continues from here: after this training batch, at this epoch's validation, or at the next epoch;
-    before an epoch's first phase, where it began (its start, a resumed position, or the end of the epoch before)."""
-    if self.epoch_done: return {'epoch': self.epoch + 1, 'iter': 0, 'phase': 'end'}
+    """Where the fit continues from here: after this training batch, at this epoch's validation, or, once it ended, at
+    its end; before an epoch's first phase, where it began (its start, a resumed position, or the epoch before's end)."""
+    if self.epoch_done: return {'epoch': self.epoch, 'iter': 0, 'phase': 'end'}
     if not self.phase_begun:
         if self.start['epoch'] == self.epoch and self.start['phase'] != 'end': return dict(self.start)
-        return {'epoch': self.epoch, 'iter': 0, 'phase': 'end'} if self.epoch else {'epoch': 0, 'iter': 0, 'phase': 'train'}
+        return {'epoch': self.epoch - 1, 'iter': 0, 'phase': 'end'} if self.epoch else {'epoch': 0, 'iter': 0, 'phase': 'train'}
     if self.training: return {'epoch': self.epoch, 'iter': self.iter + 1, 'phase': 'train'}
     return {'epoch': self.epoch, 'iter': 0, 'phase': 'valid'}
 
 # %% ../nbs/01_state.ipynb #e067a6a1
 @patch
 def state_dict(self: RunState) -> dict:
-    "The counters and the position, as a checkpoint stores them (the call's `fit_method` and so on are not saved)."
-    return {'position': self.position(), 'train_iter': self.train_iter, 'n_epochs': self.n_epochs,
+    """The counters and the position, as a checkpoint stores them (the call's `fit_method` and so on are not saved);
+    `version` 2: an epoch's end is numbered by that epoch (version 1, before it, numbered it by the next one)."""
+    return {'version': 2, 'position': self.position(), 'train_iter': self.train_iter, 'n_epochs': self.n_epochs,
             'total_steps': self.total_steps, 'row': dict(self.row), 'last_row': dict(self.last_row),
             'epoch': self.epoch, 'iter': self.iter, 'n_iter': self.n_iter, 'training': self.training, 'n_inp': self.n_inp}
 
@@ -197,11 +198,13 @@ def check_state_dict(self: RunState,
                      ) -> None:
     "Raise `ValueError` (naming the key, what it should be and what it is) unless `load_state_dict` can load `state`."
     expect(isinstance(state, dict), 'training', 'a dict', state)
+    version = state.get('version', 1)                              # (states written before versions: 1)
+    expect(type(version) is int and version in (1, 2), 'training.version', "1 or 2 (how an epoch's end is numbered)", version)
     pos = state.get('position')
     expect(isinstance(pos, dict) and pos.get('phase') in _PHASES and is_index(pos.get('epoch'))
-           and is_index(pos.get('iter')) and (pos['phase'] != 'end' or (pos['epoch'] >= 1 and pos['iter'] == 0)),
+           and is_index(pos.get('iter')) and (pos['phase'] != 'end' or (pos['epoch'] >= 2 - version and pos['iter'] == 0)),
            'training.position', "{'epoch': int >= 0, 'iter': int >= 0, 'phase': 'train', 'valid' or 'end' "
-           "(after epoch >= 1, at iter 0)}", pos)
+           "(an end at iter 0)}", pos)
     for k in ('train_iter', 'n_epochs'): expect(is_index(state.get(k)), f'training.{k}', 'a whole number >= 0', state.get(k))
     for k in ('total_steps', 'epoch', 'iter', 'n_iter', 'n_inp'):
         expect(state.get(k) is None or is_index(state[k]), f'training.{k}', 'None or a whole number >= 0', state.get(k))
@@ -217,10 +220,11 @@ def load_state_dict(self: RunState,
     own length (`n_epochs`, `total_steps`) stays; outside one (`lr_find` putting a learner back) it is loaded too."""
     self.check_state_dict(state)
     pos = self.start = dict(state['position'])
+    if pos['phase'] == 'end' and state.get('version', 1) == 1: pos['epoch'] -= 1   # version 1: numbered by the next epoch
     if not self.fitting: self.n_epochs, self.total_steps = state['n_epochs'], state.get('total_steps')
     self.train_iter = state['train_iter']
     self.row, self.last_row = dict(state.get('row') or {}), dict(state.get('last_row') or {})
-    self.epoch = state.get('epoch', pos['epoch'] - (pos['phase'] == 'end'))
+    self.epoch = state.get('epoch', pos['epoch'])
     self.iter, self.n_iter = state.get('iter', max(pos['iter'] - 1, 0)), state.get('n_iter')
     self.n_inp = state.get('n_inp') or self.n_inp
     self.training, self.epoch_done = state.get('training', pos['phase'] == 'train'), pos['phase'] == 'end'

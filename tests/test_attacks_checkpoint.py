@@ -298,7 +298,10 @@ SCHEMA = {   # name: (mutation of a real mid-epoch training state, a fragment of
     'epoch a string': (_set('training.position.epoch', '1'), 'training.position should be'),
     'iter a boolean': (_set('training.position.iter', True), 'training.position should be'),
     'iter a float': (_set('training.position.iter', 2.0), 'training.position should be'),
-    'end of epoch 0': (_set('training.position', {'epoch': 0, 'iter': 0, 'phase': 'end'}), 'training.position should be'),
+    'version 1, end of epoch 0': (lambda s: (_delete('training.version')(s),    # version 1 numbered an end by the next epoch
+                                             _set('training.position', {'epoch': 0, 'iter': 0, 'phase': 'end'})(s)),
+                                  'training.position should be'),
+    'unknown version': (_set('training.version', 3), 'training.version should be 1 or 2'),
     'end mid-epoch': (_set('training.position', {'epoch': 1, 'iter': 3, 'phase': 'end'}), 'training.position should be'),
     'iter past the planned batches': (_set('training.position.iter', 7), 'a batch within the 6 planned batches'),
     'negative train_iter': (_set('training.train_iter', -4), 'training.train_iter should be a whole number'),
@@ -840,9 +843,9 @@ def test_step_epoch_and_best_checkpoints_hold_state_as_of_the_end_of_their_event
         state = load_state(p)
         counted = state['callbacks']['counter']
         assert counted['batches'] == state['training']['train_iter'], (p.name, counted)
-        assert counted['epochs'] == (state['training']['position']['epoch'] if 'end' in p.name else (counted['batches'] - 1) // 6)
+        assert counted['epochs'] == (state['training']['position']['epoch'] + 1 if 'end' in p.name else (counted['batches'] - 1) // 6)
     best = load_state(tmp_path / 'checkpoints' / 'best.safetensors')
-    assert best['callbacks']['counter']['epochs'] == best['training']['position']['epoch']
+    assert best['callbacks']['counter']['epochs'] == best['training']['position']['epoch'] + 1   # epochs 0..e ended
 
 
 def test_a_group_added_during_the_run_is_named_as_the_fix(tmp_path):

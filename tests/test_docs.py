@@ -349,3 +349,22 @@ def test_reference_pages_have_titles_and_leave_tests_out(build):
     shown = [c['source'] for nb in LIBRARY for c in docs.page_cells(nbformat.read(PROC / nb, as_version=4))
              if c['kind'] == 'code' and docs.only_checks(c['source'])]
     assert not shown, shown[:3]
+
+
+MAIN_PAGES = [nb for nb in LIBRARY if nb.stem not in ('14_all', '15_demo')]
+
+
+def test_reference_pages_lead_with_their_main_names(build):
+    """Each reference page begins, right under its title, with a 'Main:' line whose names link to their entries on
+    that same page (a newcomer finds `CheckpointCallback` at the top of its page, not as entry 36 of 40)."""
+    for nb in MAIN_PAGES:
+        cells = nbformat.read(ROOT / 'nbs' / nb, as_version=4).cells
+        first = next(c for c in cells[1:] if c.cell_type == 'markdown')
+        assert cells.index(first) <= 2 and first.source.startswith('**Main:** '), (nb, first.source[:80])
+        names = re.findall(r'`([^`]+)`', first.source)
+        page = (SITE / nb.with_suffix('.html')).read_text()
+        lead = page[page.index('Main:'):][:3000]
+        assert page.index('Main:') < min(page.index(f'id="{n.lower()}"') for n in names), nb   # before the entries
+        for n in names:
+            assert f'<a href="{nb.stem}.html#{n.lower()}"><code>{n}</code></a>' in lead, (nb, n)
+            assert f'id="{n.lower()}"' in page, (nb, n)
