@@ -24,7 +24,7 @@ from .core import (CancelBatchException, CancelEpochException, CancelFitExceptio
                    get_rng_state, patch, set_rng_state, stateful, unwrap_model)
 from .state import RunState, RunStateView
 from .data import (BatchError, EmptyDataError, EpochPlan, batches_per_epoch, check_dataloader, check_plan_state,
-                   data_generators, epoch_plans, split_batch)
+                   data_generators, epoch_plans)
 from .ckpt_format import (CheckpointMismatchError, FORMAT_VERSION, check_model_fits, check_optimizer_fits, check_optimizer_state,
                                 check_state_fits, check_tensors, check_training_state, checkpoint_path, find_checkpoint,
                                 load_model_state, load_state, optimizer_class, read_training_state, unusable)
