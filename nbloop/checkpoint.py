@@ -21,6 +21,7 @@ from .ckpt_format import (CheckpointError, CheckpointWriteError, check_tensors, 
                           fsync_dir, list_checkpoints, load_model_state, load_state, new_run_id, scan_checkpoints,
                           temporary_path)
 from .learner import Learner
+from .state import saved_position
 from .training import MonitorCallback
 
 if TYPE_CHECKING:
@@ -256,9 +257,8 @@ def compare_checkpoints(learn: Learner,                   # The learner that eva
                     continue
                 load_model_state(learn.model, state['model'], source=str(p))
                 tr = state.get('training') if isinstance(state.get('training'), dict) else {}
-                pos = tr.get('position') if isinstance(tr.get('position'), dict) else {}
-                old_end = pos.get('phase') == 'end' and tr.get('version', 1) == 1     # version 1: by the next epoch
-                epoch = pos.get('epoch', 0) - old_end if pos else None
+                pos = saved_position(tr) if isinstance(tr.get('position'), dict) else {}
+                epoch = pos.get('epoch', 0) if pos else None
                 res = learn.validate()
                 rows.append({**({'run': r} if len(runs) > 1 else {}), 'file': p.name, 'step': tr.get('train_iter'),
                              'epoch': epoch, **res})

@@ -366,7 +366,7 @@ def _warn_about_length(source: str, saved: dict, total: int | None, state: RunSt
         warnings.warn(f"resuming a run of {saved['total_steps']} training steps as a run of {total}: schedules that "
                       f"depend on the run's length will differ from the original run")
     s = state.start
-    if s['epoch'] + (s['phase'] == 'end') >= state.n_epochs:      # (the loop begins after an ended epoch)
+    if state.first_epoch() >= state.n_epochs:
         at = f"the end of epoch {s['epoch']}" if s['phase'] == 'end' else f"epoch {s['epoch']} ({s['phase']})"
         warnings.warn(f"{source} is at {at}, and {state.fit_method}({state.n_epochs}) stops before epoch "
                       f"{state.n_epochs}: there is nothing left to train. Pass more epochs to continue training the "

@@ -85,12 +85,8 @@ class Runtime:
                     batch: Any,  # What the phase's dataloader yielded
                     state,       # The learner's `RunState`: the source's name, the model's inputs, whether predicting
                     ) -> tuple[tuple, tuple]:
-        """The batch's inputs and targets on the device: `data.split_batch` of `to_device(batch)`. On the CPU, a
-        batch of the expected length whose tensors are all there already is split at once (this runs every batch)."""
-        if self._cpu and type(batch) in (tuple, list) and len(batch) - 1 == state.n_inp:
-            try:
-                if all(map(_IS_CPU, batch)): return tuple(batch[:-1]), (batch[-1],)
-            except AttributeError: pass                     # not only tensors: walked below
+        """The batch's inputs and targets on the device: `data.split_batch` of `to_device(batch)`, the learner's one
+        call for both (a runtime that places batches otherwise overrides it)."""
         return split_batch(self.to_device(batch), state.dl_name, state.n_inp, state.predicting)
 
 # %% ../nbs/05_runtime.ipynb #6a1d3e5f

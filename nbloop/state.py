@@ -15,7 +15,7 @@ from .core import (CancelBatchException, CancelEpochException, CancelFitExceptio
                          get_rng_state, is_index, patch, set_rng_state, stateful)
 
 # %% auto #0
-__all__ = ['RunState', 'RunStateView']
+__all__ = ['RunState', 'RunStateView', 'saved_position']
 
 # %% ../nbs/01_state.ipynb #0c2d4e61
 _PHASES = ('train', 'valid', 'end')
@@ -76,7 +76,7 @@ class RunState:
         """The fit's epochs, from the position it starts at (0, or a resumed fit's), after `begin` (a resumed fit's
         callback states); each epoch begins with its row not final."""
         self.begin(cbs, generators)
-        for self.epoch in range(self.start['epoch'] + (self.start['phase'] == 'end'), self.n_epochs):   # after an end: the next
+        for self.epoch in range(self.first_epoch(), self.n_epochs):
             self.epoch_done, self.phase_begun, self.last_row = False, False, {}
             yield self.epoch
 
@@ -164,6 +164,12 @@ def begin(self: RunState,
         set_rng_state(self.pending_rng, generators)
         self.pending_rng = None
 
+# %% ../nbs/01_state.ipynb #ebca9f0b
+@patch
+def first_epoch(self: RunState) -> int:
+    "The epoch the loop begins at: the start's, or the next one when the start is an epoch's end."
+    return self.start['epoch'] + (self.start['phase'] == 'end')
+
 # %% ../nbs/01_state.ipynb #80498ef1
 @patch
 def end_phase(self: RunState) -> None:
@@ -211,6 +217,14 @@ def check_state_dict(self: RunState,
     for k in ('row', 'last_row'):
         expect(isinstance(state.get(k, {}), dict), f'training.{k}', "an epoch's row (a dict)", state.get(k))
 
+# %% ../nbs/01_state.ipynb #03bd2488
+def saved_position(training: dict,   # A saved training state (`RunState.state_dict`, a checkpoint's 'training')
+                   ) -> dict:
+    "Its position, numbered as now: a state of version 1 (no `version`) numbered an epoch's end by the next epoch."
+    pos = dict(training['position'])
+    if pos.get('phase') == 'end' and training.get('version', 1) == 1: pos['epoch'] = pos.get('epoch', 0) - 1
+    return pos
+
 # %% ../nbs/01_state.ipynb #1dcfc7c8
 @patch
 def load_state_dict(self: RunState,
@@ -219,8 +233,7 @@ def load_state_dict(self: RunState,
     """Continue from `state`: the counters, and the position the loop starts at. During a fit (a resume) the fit's
     own length (`n_epochs`, `total_steps`) stays; outside one (`lr_find` putting a learner back) it is loaded too."""
     self.check_state_dict(state)
-    pos = self.start = dict(state['position'])
-    if pos['phase'] == 'end' and state.get('version', 1) == 1: pos['epoch'] -= 1   # version 1: numbered by the next epoch
+    pos = self.start = saved_position(state)
     if not self.fitting: self.n_epochs, self.total_steps = state['n_epochs'], state.get('total_steps')
     self.train_iter = state['train_iter']
     self.row, self.last_row = dict(state.get('row') or {}), dict(state.get('last_row') or {})
