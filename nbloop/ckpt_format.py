@@ -24,19 +24,19 @@ import numpy as np
 import torch
 
 from .core import expect, is_index, short, unwrap_model
+from .state_tree import MAX_DEPTH, flatten_state, json_depth, unflatten_state
 
 # %% auto #0
-__all__ = ['FORMAT', 'FORMAT_VERSION', 'MAX_DEPTH', 'CheckpointError', 'CorruptCheckpointError', 'UnsafeCheckpointError',
-           'CheckpointVersionError', 'CheckpointWriteError', 'json_depth', 'temporary_path', 'fsync_dir',
-           'write_checkpoint', 'checkpoint_info', 'read_checkpoint', 'flatten_state', 'unflatten_state', 'save_state',
-           'load_state', 'CheckpointMismatchError', 'check_tensors', 'check_optimizer_state', 'unusable',
-           'checkpoint_path', 'load_model_state', 'check_model_fits', 'optimizer_class', 'check_optimizer_fits',
-           'check_training_state', 'check_state_fits', 'new_run_id', 'checkpoint_name', 'CheckpointFile',
-           'scan_checkpoints', 'list_checkpoints', 'read_training_state', 'find_checkpoint']
+__all__ = ['FORMAT', 'FORMAT_VERSION', 'CheckpointError', 'CorruptCheckpointError', 'UnsafeCheckpointError',
+           'CheckpointVersionError', 'CheckpointWriteError', 'temporary_path', 'fsync_dir', 'write_checkpoint',
+           'checkpoint_info', 'read_checkpoint', 'save_state', 'load_state', 'CheckpointMismatchError', 'check_tensors',
+           'check_optimizer_state', 'unusable', 'checkpoint_path', 'load_model_state', 'check_model_fits',
+           'optimizer_class', 'check_optimizer_fits', 'check_training_state', 'check_state_fits', 'new_run_id',
+           'checkpoint_name', 'CheckpointFile', 'scan_checkpoints', 'list_checkpoints', 'read_training_state',
+           'find_checkpoint']
 
 # %% ../nbs/03_ckpt_format.ipynb #3c4bfb5a
 FORMAT, FORMAT_VERSION = 'nbloop', 2    # 2: checksum over all metadata, write time, run id. Versions 1 and 2 are read.
-MAX_DEPTH = 100                          # the deepest nesting of lists and dicts a checkpoint's JSON may have
 _DTYPES = {torch.float64: 'F64', torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16',
            torch.int64: 'I64', torch.int32: 'I32', torch.int16: 'I16', torch.int8: 'I8', torch.uint8: 'U8',
            torch.bool: 'BOOL'}
@@ -80,15 +80,6 @@ def _checksum(entries: dict, meta: dict, chunks: Iterable, version: int = FORMAT
     else: crc = zlib.crc32(_canonical({k: v for k, v in meta.items() if k != 'checksum'}), crc)
     for c in chunks: crc = zlib.crc32(c, crc)
     return f'{crc:08x}'
-
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+', re.S)
-
-def json_depth(text: str,  # The JSON text to measure
-               ) -> int:
-    "How deeply lists and dicts nest in JSON `text` (strings skipped), found without recursion or a Python loop."
-    brackets = np.frombuffer(_JSON_STRING.sub('', text).encode(), np.uint8)
-    steps = np.isin(brackets, (91, 123)).astype(np.int64) - np.isin(brackets, (93, 125))   # [ { minus ] }
-    return int(np.cumsum(steps).max(initial=0))
 
 # %% ../nbs/03_ckpt_format.ipynb #7d64392c
 def temporary_path(path: str | Path,  # The destination; the temporary file goes in its folder
@@ -325,76 +316,6 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], Any, int | None]:
         t = torch.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=start) if end > start else torch.empty(0, dtype=dtype)
         tensors[name] = t.reshape(shape)
     return tensors, (_loads(h.meta['state'], path, 'state') if h.version is not None else None), h.version
-
-# %% ../nbs/03_ckpt_format.ipynb #6d3d8136
-_MARKERS = ('__tensor__', '__ndarray__', '__tuple__', '__items__')
-
-def flatten_state(obj: Any,          # Dicts, lists and tuples of tensors, arrays, numbers, strings, paths, None
-                  prefix: str = '',  # Start of every tensor's name; the rest is its path in `obj` (`<prefix>/key/0`)
-                  ) -> tuple[Any, dict[str, torch.Tensor]]:
-    "Split a nested state into JSON-able data and a flat dict of tensors."
-    tensors: dict[str, torch.Tensor] = {}
-    def enc(o, path, depth):
-        if depth > MAX_DEPTH:
-            raise ValueError(f'cannot store the state at {path}: it nests more than {MAX_DEPTH} levels deep')
-        if isinstance(o, torch.Tensor):
-            tensors[path] = o
-            return {'__tensor__': path}
-        if isinstance(o, np.ndarray):
-            tensors[path] = torch.from_numpy(o.astype(np.int64) if o.dtype.kind in 'ui' else o.copy())
-            return {'__ndarray__': path, 'dtype': o.dtype.str}
-        if isinstance(o, (bool, int, float, str)) or o is None: return o
-        if isinstance(o, np.generic): return o.item()
-        if isinstance(o, tuple): return {'__tuple__': [enc(v, f'{path}/{i}', depth + 1) for i, v in enumerate(o)]}
-        if isinstance(o, list): return [enc(v, f'{path}/{i}', depth + 1) for i, v in enumerate(o)]
-        if isinstance(o, Path): return str(o)
-        if isinstance(o, dict):
-            if all(isinstance(k, str) and k not in _MARKERS for k in o):
-                return {k: enc(v, f'{path}/{k}', depth + 1) for k, v in o.items()}
-            return {'__items__': [[enc(k, f'{path}/k{i}', depth + 1), enc(v, f'{path}/{i}', depth + 1)]
-                                  for i, (k, v) in enumerate(o.items())]}
-        raise TypeError(f'cannot store a {type(o).__name__} at {path or "/"} in a checkpoint: only tensors, arrays, '
-                        f'numbers, strings, None, lists, tuples and dicts can be stored')
-    return enc(obj, prefix, 0), tensors
-
-# %% ../nbs/03_ckpt_format.ipynb #992e7e36
-def _array_dtype(s: Any) -> np.dtype:
-    try: dtype = np.dtype(s) if isinstance(s, str) else None
-    except TypeError: dtype = None
-    if dtype is None or dtype.kind not in 'biuf': raise ValueError(f'{short(s)} is not a numeric array dtype')
-    return dtype
-
-def unflatten_state(obj: Any,                          # The JSON-able data `flatten_state` returned
-                    tensors: dict[str, torch.Tensor],  # The flat dict of tensors the data's references name
-                    ) -> Any:
-    "Inverse of `flatten_state`; a reference that does not resolve raises `ValueError` saying where."
-    def dec(o, where):
-        if isinstance(o, list): return [dec(v, f'{where}/{i}') for i, v in enumerate(o)]
-        if not isinstance(o, dict): return o
-        marker = next((m for m in _MARKERS if m in o), None)
-        if marker is None: return {k: dec(v, f'{where}/{k}') for k, v in o.items()}
-        ref = o[marker]
-        if marker in ('__tensor__', '__ndarray__'):
-            if set(o) != ({marker, 'dtype'} if marker == '__ndarray__' else {marker}) or not isinstance(ref, str) or ref not in tensors:
-                raise ValueError(f'{where or "/"} refers to a tensor the file does not hold: {short(o)}')
-            if marker == '__tensor__': return tensors[ref]
-            try: return tensors[ref].numpy().astype(_array_dtype(o['dtype']))
-            except TypeError as e: raise ValueError(f'{where or "/"} is an array that cannot be restored ({e})') from e
-        if set(o) != {marker} or not isinstance(ref, list):
-            raise ValueError(f'{where or "/"} has a malformed {marker} entry: {short(o)}')
-        if marker == '__tuple__': return tuple(dec(v, f'{where}/{i}') for i, v in enumerate(ref))
-        out = {}
-        for i, kv in enumerate(ref):
-            if not (isinstance(kv, list) and len(kv) == 2): raise ValueError(f'{where or "/"} item {i} is not a [key, value] pair: {short(kv)}')
-            k = _hashable(dec(kv[0], f'{where}/k{i}'))
-            try: hash(k)
-            except TypeError: raise ValueError(f'{where or "/"} item {i} has a key that cannot be a key: {short(k)}') from None
-            out[k] = dec(kv[1], f'{where}/{i}')
-        return out
-    return dec(obj, '')
-
-def _hashable(k):
-    return tuple(_hashable(v) for v in k) if isinstance(k, (list, tuple)) else k
 
 # %% ../nbs/03_ckpt_format.ipynb #7f846a9b
 def save_state(path: str | Path,                        # The file to write; its folder is created if missing

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .core import Callback, CallbackHost, DebiasedEMA, check_state, describe, patch
@@ -327,9 +328,9 @@ def before_train(self: Recorder, learn):
 def state_dict(self: Recorder) -> dict:
     "Everything needed to continue recording exactly where this fit stopped."
     self.flush()
-    return {'history': self.history, 'losses': torch.tensor(self._losses, dtype=torch.float64),
-            'smoothed': torch.tensor(self._smooth(), dtype=torch.float64),
-            'lrs': torch.tensor(self.lrs, dtype=torch.float64), 'sizes': list(self._sizes),
+    f64 = lambda values: torch.from_numpy(np.array(values, dtype=np.float64))   # (4x torch.tensor's speed on a list)
+    return {'history': self.history, 'losses': f64(self._losses), 'smoothed': f64(self._smooth()),
+            'lrs': f64(self.lrs), 'sizes': list(self._sizes),
             'epoch_start': self._epoch_start, 'epoch_ends': list(self._epoch_ends),
             'smooth': self._ema.avg, 'n_smooth': self._ema.n,                 # and what `learn.log` gave so far:
             'logged': {n: torch.tensor(p, dtype=torch.float64).reshape(-1, 2) for n, p in self._logged.items()},

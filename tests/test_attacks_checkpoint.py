@@ -879,3 +879,29 @@ def test_rotation_reads_the_headers_of_its_own_run_only(tmp_path, monkeypatch):
     own = learn.get_cb(CheckpointCallback).run
     assert len(list_checkpoints(folder, run=own)) == 3 and read
     assert all(f'-run{own}-' in name for name in read), sorted(set(read) - {n for n in read if own in n})[:5]
+
+
+def test_the_json_of_a_checkpoint_does_not_grow_with_the_run(tmp_path):
+    """Every checkpoint holds the whole history, but its long lists as tensors (`state_tree` tables): the JSON part,
+    which Python walks value by value to write, check and read, is as long at epoch 60 as at epoch 2 (it grew by
+    about 130 bytes an epoch: 322 ms per save at epoch 20,000, 28 ms now). A run resumed from such a file goes on
+    exactly, and its history comes back as the same rows."""
+    def header_state(path) -> str:
+        raw = Path(path).read_bytes()
+        return json.loads(raw[8:8 + int.from_bytes(raw[:8], 'little')])['__metadata__']['state']
+    def run(epochs, folder, **kw):
+        learn = synth_learner(n=32, batch_size=16, path=tmp_path / folder, cbs=[CheckpointCallback()])
+        quiet_fit(learn, epochs, **kw)
+        return learn, max(list_checkpoints(tmp_path / folder / 'checkpoints'), key=lambda p: p.name)
+    _, early = run(2, 'short')
+    whole, late = run(60, 'long')
+    assert len(header_state(late)) <= len(header_state(early)) + 16, (len(header_state(early)), len(header_state(late)))
+    saved = load_state(late)['callbacks']['recorder']
+    assert saved['history'] == whole.recorder.history and len(saved['history']) == 60
+    assert saved['epoch_ends'] == list(range(2, 121, 2)) and all(type(v) is int for v in saved['epoch_ends'])
+    part, _ = run(45, 'resumed')
+    resumed, _ = run(60, 'resumed', resume='last')
+    assert same_weights(weights(resumed), weights(whole))
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != 'time'} for r in rows]
+    assert drop_time(resumed.recorder.history) == drop_time(whole.recorder.history)
+    assert resumed.recorder.losses == whole.recorder.losses

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ['core', 'state', 'data', 'ckpt_format', 'launch', 'runtime', 'distributed', 'metrics', 'recorder', 'progress', 'schedule', 'learner',
+LAYERS = ['core', 'state', 'data', 'state_tree', 'ckpt_format', 'launch', 'runtime', 'distributed', 'metrics', 'recorder', 'progress', 'schedule', 'learner',
           'training', 'checkpoint', 'plots', 'loggers', 'all', 'demo']
 DISTRIBUTION = {'distributed', 'world_size', 'rank', 'is_main', 'is_main_process', 'get_rank', 'get_world_size',
                 'local_rank', 'main_process', 'runs_here'}
