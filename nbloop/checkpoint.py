@@ -10,7 +10,9 @@ import os
 import re
 import shutil
 import stat
+import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +23,7 @@ from .ckpt_format import (CheckpointError, CheckpointWriteError, check_tensors, 
                           fsync_dir, list_checkpoints, load_model_state, load_state, new_run_id, scan_checkpoints,
                           temporary_path)
 from .learner import Learner
+from .runtime import BackgroundWriter
 from .state import saved_position
 from .training import MonitorCallback
 
@@ -75,13 +78,14 @@ class CheckpointCallback(MonitorCallback):
                  mode: str = 'min',                 # 'min' or 'max': whether a lower or a higher `monitor` is better
                  save_best: bool = True,            # Keep the best epoch's checkpoint as `best.safetensors`
                  save_on_interrupt: bool = True,    # Write one more checkpoint when Ctrl-C or SIGTERM stops the fit
+                 async_save: bool = False,          # Snapshot at the boundary, write in a background thread
                  ):
         super().__init__(monitor, mode)
         for n, v in (('every_n_epochs', every_n_epochs), ('every_n_steps', every_n_steps), ('keep_last', keep_last)):
             if v is not None and (not isinstance(v, int) or v < 1): raise ValueError(f'{n} must be None or a whole number >= 1, got {v!r}')
         self.dir, self.every_n_epochs, self.every_n_steps, self.keep_last = Path(dir), every_n_epochs, every_n_steps, keep_last
-        self.save_best, self.save_on_interrupt = save_best, save_on_interrupt
-        self.last_path, self.run = None, None
+        self.save_best, self.save_on_interrupt, self.async_save = save_best, save_on_interrupt, bool(async_save)
+        self.last_path, self.run, self.writer, self.blocked = None, None, None, []   # blocked: s the training waited per save
 
     def checkpoint_folder(self,
                           learn: Learner,  # The learner whose `path` a relative `dir` is under
@@ -91,7 +95,8 @@ class CheckpointCallback(MonitorCallback):
 
     def before_fit(self, learn: Learner):
         self.remember(None, None)
-        self.last_path = None
+        self.last_path, self.blocked = None, []
+        self.writer = BackgroundWriter() if self.async_save else None
         self.run = new_run_id()          # a resumed run gets its own id back from its state (load_state_dict)
         self._warned = False
         learn.runtime.on_main(self._prepare_folder, self.checkpoint_folder(learn))
@@ -115,6 +120,7 @@ class CheckpointCallback(MonitorCallback):
                                        f"{type(e).__name__}: {e.strerror or e}. Pass dir= a folder you can write to.") from e
 
     def after_batch(self, learn: Learner):
+        if self.writer is not None: self.writer.check()       # a background write failed: said at this boundary
         if learn.training and self.every_n_steps and learn.train_iter % self.every_n_steps == 0:
             learn.defer(lambda: self.save(learn))
 
@@ -131,40 +137,54 @@ class CheckpointCallback(MonitorCallback):
         if improved: self.remember(value, learn.epoch)
         last = learn.epoch + 1 == learn.n_epochs
         written = last or bool(self.every_n_epochs and (learn.epoch + 1) % self.every_n_epochs == 0)
-        path = self.save(learn) if written else None
-        if improved: self._save_best(learn, path, written)
+        if written: self.save(learn, best=improved)            # best: linked to it once it is complete
+        elif improved: learn.runtime.save(self.checkpoint_folder(learn) / 'best.safetensors', learn.state_dict(),
+                                          metadata={'run': self.run}, writer=self.writer)
 
     def after_fit(self, learn: Learner):
-        if not learn.interrupted or not self.save_on_interrupt: return
-        path = self.save(learn)
+        try: path = self.save(learn) if learn.interrupted and self.save_on_interrupt else None
+        finally: self._finish_writes(learn)                    # every file complete before the fit returns
         if path is not None:
             print(f'nbloop: {learn.interrupted} received; saved checkpoint {path}. '
                   f"Continue with learn.{learn.state.fit_method}(..., resume='last').", file=sys.stderr, flush=True)
 
+    def _finish_writes(self, learn: Learner) -> None:
+        "Wait for the background write in flight (raising its failure), and say how long training waited for saves."
+        if self.writer is None: return
+        self.writer.close()
+        if self.blocked: learn.runtime.say(
+            f'nbloop: {len(self.blocked)} checkpoint(s) written in the background; training waited '
+            f'{statistics.median(self.blocked) * 1000:.1f} ms per save (median), {max(self.blocked) * 1000:.1f} ms at most')
+
 # %% ../nbs/11_checkpoint.ipynb #e295b6d7
 @patch
 def save(self: CheckpointCallback,
-         learn: Learner,   # The learner being fit
+         learn: Learner,      # The learner being fit
+         best: bool = False,  # Also make it `best.safetensors`
          ) -> Path | None:
-    """Write a training checkpoint of the learner as it is now (`learn.state_dict()`, named by where it continues),
-    then rotate this run's old ones away. With several processes every one calls it, and rank 0 writes (the
-    others get None)."""
-    name = checkpoint_name(learn.state.position(), learn.train_iter, self.run)
-    path = learn.runtime.save(self.checkpoint_folder(learn) / name, learn.state_dict(), metadata={'run': self.run})
-    if path is None: return None
-    folder, self.last_path = path.parent, path
-    if self.keep_last is not None:
-        for old in list_checkpoints(folder, run=self.run)[:-self.keep_last]:
-            if old != path: old.unlink(missing_ok=True)
+    """Write a training checkpoint of the learner as it is now (`learn.state_dict()`, named by where it continues);
+    once it is complete, rotate this run's old ones away (and link it as the best). With several processes every
+    one calls it, and rank 0 writes (the others get None). With `async_save` it returns once the state is a
+    snapshot, and the file is written in the background; `blocked` notes how long each call took."""
+    name, clock = checkpoint_name(learn.state.position(), learn.train_iter, self.run), time.perf_counter()
+    done = (lambda p: (self._rotate(p), self._link_best(p))) if best else self._rotate
+    path = learn.runtime.save(self.checkpoint_folder(learn) / name, learn.state_dict(), metadata={'run': self.run},
+                              writer=self.writer, then=done)
+    self.blocked.append(time.perf_counter() - clock)
+    if path is not None: self.last_path = path
     return path
 
 @patch
-def _save_best(self: CheckpointCallback, learn: Learner, path: Path | None, written: bool) -> None:
-    best = self.checkpoint_folder(learn) / 'best.safetensors'
-    if not written:
-        learn.runtime.save(best, learn.state_dict(), metadata={'run': self.run})
-        return
-    if path is None: return                  # not the process that writes
+def _rotate(self: CheckpointCallback, path: Path) -> None:
+    "Once `path` is complete: this run's checkpoints older than its newest `keep_last` go."
+    if self.keep_last is None: return
+    for old in list_checkpoints(path.parent, run=self.run)[:-self.keep_last]:
+        if old != path: old.unlink(missing_ok=True)
+
+@patch
+def _link_best(self: CheckpointCallback, path: Path) -> None:
+    "Once `path` is complete: make it `best.safetensors` too (a second name for the same bytes, or a copy)."
+    best = path.parent / 'best.safetensors'
     tmp = temporary_path(best)
     try:
         try: os.link(path, tmp)              # a second name for the same bytes: instant, and atomic below

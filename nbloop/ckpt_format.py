@@ -30,10 +30,10 @@ from .state_tree import MAX_DEPTH, flatten_state, json_depth, unflatten_state
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'CheckpointError', 'CorruptCheckpointError', 'UnsafeCheckpointError',
            'CheckpointVersionError', 'CheckpointWriteError', 'temporary_path', 'fsync_dir', 'write_checkpoint',
            'checkpoint_info', 'read_checkpoint', 'save_state', 'load_state', 'CheckpointMismatchError', 'check_tensors',
-           'check_optimizer_state', 'unusable', 'checkpoint_path', 'load_model_state', 'check_model_fits',
-           'optimizer_class', 'check_optimizer_fits', 'check_training_state', 'check_state_fits', 'new_run_id',
-           'checkpoint_name', 'CheckpointFile', 'scan_checkpoints', 'list_checkpoints', 'read_training_state',
-           'find_checkpoint']
+           'check_optimizer_state', 'unusable', 'checkpoint_path', 'save_weights_file', 'export_weights',
+           'load_model_state', 'check_model_fits', 'optimizer_class', 'check_optimizer_fits', 'check_training_state',
+           'check_state_fits', 'new_run_id', 'checkpoint_name', 'CheckpointFile', 'scan_checkpoints',
+           'list_checkpoints', 'read_training_state', 'find_checkpoint']
 
 # %% ../nbs/03_ckpt_format.ipynb #3c4bfb5a
 FORMAT, FORMAT_VERSION = 'nbloop', 2    # 2: checksum over all metadata, write time, run id. Versions 1 and 2 are read.
@@ -382,6 +382,27 @@ def checkpoint_path(base: str | Path,          # The folder a bare name is under
     if p.parent == Path('.') and not str(name_or_path).startswith(('.', '/')):
         p = Path(base) / folder / p
     return p if p.suffix else p.with_name(p.name + '.safetensors')
+
+# %% ../nbs/03_ckpt_format.ipynb #71119333
+def save_weights_file(path: str | Path,                        # The file to write; its folder is created if missing
+                      state_dict: dict[str, torch.Tensor],     # A model's `state_dict()` (its plain keys)
+                      metadata: dict[str, str] | None = None,  # Extra header strings by name; None for none
+                      ) -> Path:
+    "Write `state_dict` as one safetensors file under its own keys, full tensors: `load_file` plus `load_state_dict` read it."
+    check_tensors(state_dict, 'state_dict')
+    if '__metadata__' in state_dict: raise ValueError("no state_dict key can be '__metadata__': safetensors names its header so")
+    return write_checkpoint(path, dict(state_dict), {'kind': 'weights', 'model': {k: {'__tensor__': k} for k in state_dict}},
+                            metadata)
+
+# %% ../nbs/03_ckpt_format.ipynb #837eb994
+def export_weights(checkpoint: str | Path,  # Any file `load_state` reads: a training checkpoint, `learn.save`'s, weights
+                   out: str | Path,         # The plain weights file to write
+                   ) -> Path:
+    "The model's weights in `checkpoint` as one plain safetensors file (`save_weights_file`); no process group needed."
+    state = load_state(checkpoint)
+    try: check_tensors(state.get('model'), 'model')
+    except ValueError as e: raise unusable(checkpoint, e) from e
+    return save_weights_file(out, state['model'])
 
 # %% ../nbs/03_ckpt_format.ipynb #e8dbce66
 def _model_problems(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:

@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from .core import CancelBatchException, patch, unwrap_model
 from .launch import distributed_env, init_distributed, side_group
-from .ckpt_format import CheckpointError, save_state
-from .runtime import Runtime
+from .ckpt_format import CheckpointError
+from .runtime import BackgroundWriter, Runtime
 
 # %% auto #0
 __all__ = ['DistributedRuntime', 'make_runtime']
@@ -252,6 +252,8 @@ def save(self: DistributedRuntime,
          path: str | Path,                        # The file to write
          state: dict,                             # This process's state: `Learner.state_dict()`, or weights
          metadata: dict[str, str] | None = None,  # Extra header strings (the run id)
+         writer: BackgroundWriter | None = None,  # Rank 0 writes in its background thread; None: now
+         then: Callable[[Path], Any] | None = None,  # Called (in rank 0) with the path once the file is complete
          ) -> Path | None:
     """A training state: every process sends its part (random states, gradients not yet all-reduced, per-process
     callback states) to rank 0 alone, which writes one complete file; weights: rank 0 writes alone. Others get None."""
@@ -259,7 +261,7 @@ def save(self: DistributedRuntime,
         parts = [None] * self.world_size if self.is_main else None            # (only the writer holds them all)
         dist.gather_object(_cpu(state['ranks'][0]), parts, dst=0, group=self.group)
         state = {**state, 'ranks': parts, 'training': {**state['training'], 'world_size': self.world_size}}
-    return save_state(path, state, metadata) if self.is_main else None
+    return self._write_state(path, state, metadata, writer, then) if self.is_main else None
 
 # %% ../nbs/05a_distributed.ipynb #7a18029e
 @patch

@@ -212,9 +212,8 @@ def set_lr(self: Learner,
            ) -> None:
     "Set the learning rate of the first parameter group to `lr`; other groups keep their ratio to it."
     check_number(lr, 'lr')
-    groups = self.opt.param_groups
-    ratios = [g['lr'] / groups[0]['lr'] if groups[0]['lr'] else 1. for g in groups]
-    for g, r in zip(groups, ratios): g['lr'] = lr * r
+    first = self.opt.param_groups[0]['lr']
+    for g in self.opt.param_groups: g['lr'] = lr * (g['lr'] / first if first else 1.)
     if resume is not None:
         warnings.warn(f'fit(lr={lr}, resume=...): lr={lr} is not used, the rate comes from the checkpoint (its optimizer '
                       f'state and schedules); to train on at another rate, learn.load the checkpoint and fit without resume')
@@ -270,18 +269,12 @@ def predict(self: Learner,
             x: Any,  # A batch of inputs (`x[None]` for one example), or a tuple or list of them for several inputs
             ) -> Any:
     "The model's output on `x` as given (a batch; use `x[None]` for one example; a tuple or list feeds several inputs), in eval mode, without gradients."
-    was_training = self.model.training
-    self.model.eval()
-    xs = self.runtime.to_device(x) if isinstance(x, (tuple, list)) else (self.runtime.to_device(x),)
-    try:
-        with torch.no_grad(), self.runtime.autocast(): return self.model(*xs)
-    finally: self.model.train(was_training)
+    return self.runtime.predict(self.model, x)
 
 # %% ../nbs/09_learner.ipynb #e5a7c3b8
 @patch
 def cancel_fit_everywhere(self: Learner) -> None:
-    """End the fit as `CancelFitException` does, in every process at the same batch boundary (within a batch or two). Use
-    it instead of raising when the decision rests on values that differ between processes (one process's loss)."""
+    "End the fit in every process at one batch boundary, as `CancelFitException` does in one: for decisions on values that differ between processes."
     self.runtime.cancel_fit(self.state)
 
 # %% ../nbs/09_learner.ipynb #f0b2d6c4
@@ -487,3 +480,12 @@ def load(self: Learner,
     path = checkpoint_path(self.path, name_or_path)
     load_weights(self.model, self.opt, load_state(path), str(path), with_opt=with_opt, strict=strict)
     return self
+
+# %% ../nbs/09_learner.ipynb #3d939396
+@patch
+def save_weights(self: Learner,
+                 path: str | Path,  # A bare name (to `<path>/models/<name>.safetensors`) or a file path
+                 ) -> Path:
+    "The weights alone, as one plain safetensors file (the model's own keys, full tensors; rank 0 writes) that `load_file` reads."
+    path = checkpoint_path(self.path, path)
+    return self.runtime.save_weights(path, self.model) or path

@@ -18,13 +18,15 @@ from typing import Any
 import torch
 
 from .core import (CancelFitException, LoopCancel, check_rng_state, check_trainable,
-                         default_device, expect, is_index, patch, to_device)
+                         default_device, expect, is_index, patch, to_device, unwrap_model)
 from .data import split_batch
 from .launch import get_rank, get_world_size, process_part
-from .ckpt_format import CheckpointMismatchError, check_tensors, save_state
+from . import ckpt_format                # (a background write calls ckpt_format.write_checkpoint, as every write does)
+from .ckpt_format import CheckpointMismatchError, CheckpointWriteError, check_tensors, save_state, save_weights_file
+from .state_tree import flatten_state
 
 # %% auto #0
-__all__ = ['Interrupted', 'Runtime', 'runtime_settings']
+__all__ = ['Interrupted', 'Runtime', 'runtime_settings', 'BackgroundWriter']
 
 # %% ../nbs/05_runtime.ipynb #1b7f3e2a
 class Interrupted(Exception):
@@ -122,6 +124,20 @@ def autocast(self: Runtime) -> contextlib.AbstractContextManager:
     "The context of forward and loss: autocast to the fit's precision, or nothing."
     if self.precision is None: return _NO_CONTEXT
     return torch.autocast(self.device.type, dtype=self.precision)
+
+# %% ../nbs/05_runtime.ipynb #0af7935a
+@patch
+def predict(self: Runtime,
+            model: torch.nn.Module,  # The model (its mode is put back afterwards)
+            x: Any,                  # A batch of inputs, or a tuple or list of them for a model of several inputs
+            ) -> Any:
+    "`model`'s output on `x` moved to the device: in eval mode, without gradients, at the fit's precision."
+    was_training = model.training
+    model.eval()
+    xs = self.to_device(x) if isinstance(x, (tuple, list)) else (self.to_device(x),)
+    try:
+        with torch.no_grad(), self.autocast(): return model(*xs)
+    finally: model.train(was_training)
 
 # %% ../nbs/05_runtime.ipynb #050d7a80
 @contextlib.contextmanager
@@ -427,16 +443,97 @@ def load_state_dict(self: Runtime,
         self.scaler.load_state_dict(scaler)
     self.accumulated = state.get('accumulated', legacy.get('gradient_accumulation', {}).get('count', 0))
 
+# %% ../nbs/05_runtime.ipynb #c5231266
+def _host_snapshot(tensors: dict[str, torch.Tensor],  # The state's tensors, on any device
+                   buffers: dict[str, torch.Tensor],  # The last snapshot's copies, reused where they fit (no fresh pages)
+                   ) -> dict[str, torch.Tensor]:
+    "Copies of `tensors` on the host that nothing else holds (from CUDA: into pinned memory, then one sync)."
+    out = {}
+    for k, t in tensors.items():
+        b, cuda = buffers.get(k), t.device.type == 'cuda'
+        if b is None or b.shape != t.shape or b.dtype != t.dtype or b.is_pinned() != cuda:
+            b = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
+        out[k] = b.copy_(t.detach(), non_blocking=cuda)
+    if any(t.device.type == 'cuda' for t in tensors.values()): torch.cuda.synchronize()
+    return out
+
+class BackgroundWriter:
+    "Writes checkpoint files in a background thread, one at a time, from snapshots taken when they are submitted."
+    def __init__(self): self._thread, self._error, self._buffers = None, None, {}
+
+    def submit(self,
+               path: str | Path,                        # The file to write
+               state: dict,                             # A nested state (see `save_state`); snapshotted now
+               metadata: dict[str, str] | None = None,  # Extra header strings
+               then: Callable[[Path], Any] | None = None,  # Called (in the thread) once the file is complete
+               ) -> Path:
+        "Wait for the write before (raising its failure), snapshot `state`, start writing it; returns the path."
+        self.wait()
+        data, tensors = flatten_state(state)                  # new objects: the state may change from now on
+        self._buffers = _host_snapshot(tensors, self._buffers)   # (the write before is done: its copies are free)
+        args = (Path(path), self._buffers, data, metadata, then)
+        self._thread = threading.Thread(target=self._write, args=args, name='nbloop-checkpoint-writer')
+        self._thread.start()
+        return Path(path)
+
+    def _write(self, path: Path, tensors: dict, data: Any, metadata: dict | None, then: Callable | None) -> None:
+        try:
+            ckpt_format.write_checkpoint(path, tensors, data, metadata)
+            if then is not None: then(path)
+        except BaseException as e: self._error = e
+
+    def check(self) -> None:
+        "Raise the failure of a finished write (a `CheckpointWriteError` that says what failed), once."
+        if self._error is None: return
+        e, self._error = self._error, None
+        if isinstance(e, CheckpointWriteError): raise e
+        raise CheckpointWriteError(f'a checkpoint written in the background failed: {type(e).__name__}: {e}. '
+                                   f'The previous checkpoint is intact.') from e
+
+    def wait(self) -> None:
+        "Wait for the write in flight, if any, then raise its failure (`check`)."
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.check()
+
+    def close(self) -> None:
+        "`wait`, then let go of the snapshot's memory (kept between saves so that copies reuse it)."
+        try: self.wait()
+        finally: self._buffers = {}
+
 # %% ../nbs/05_runtime.ipynb #e7c44999
 @patch
 def save(self: Runtime,
          path: str | Path,                        # The file to write
          state: dict,                             # This process's state: `Learner.state_dict()`, or weights
          metadata: dict[str, str] | None = None,  # Extra header strings (the run id)
+         writer: BackgroundWriter | None = None,  # Write in its background thread; None: here, now
+         then: Callable[[Path], Any] | None = None,  # Called with the path once the file is complete (rotation, ...)
          ) -> Path | None:
     "Write `state` (less its per-process part) to `path` atomically if this process writes (rank 0); others get None."
     if not self.is_main: return None
-    return save_state(path, {k: v for k, v in state.items() if k != 'ranks'}, metadata)
+    return self._write_state(path, {k: v for k, v in state.items() if k != 'ranks'}, metadata, writer, then)
+
+@patch
+def _write_state(self: Runtime, path: str | Path, state: dict, metadata: dict | None, writer: BackgroundWriter | None,
+                 then: Callable[[Path], Any] | None) -> Path:
+    "`save_state`, then `then(path)`: here, or through `writer` in the background. The file's path."
+    if writer is not None: return writer.submit(path, state, metadata, then)
+    path = save_state(path, state, metadata)
+    if then is not None: then(path)
+    return path
+
+# %% ../nbs/05_runtime.ipynb #9699f583
+@patch
+def save_weights(self: Runtime,
+                 path: str | Path,        # The file to write
+                 model: torch.nn.Module,  # The model (through any wrapper: its plain keys are written)
+                 ) -> Path | None:
+    """Write `model`'s weights as one plain safetensors file (`save_weights_file`) if this process writes (rank 0);
+    others get None. A runtime whose processes each hold a shard gathers the full tensors first."""
+    if not self.is_main: return None
+    return save_weights_file(path, unwrap_model(model).state_dict())
 
 # %% ../nbs/05_runtime.ipynb #60aea190
 @patch

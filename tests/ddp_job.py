@@ -118,6 +118,7 @@ def main(argv=None) -> dict | None:
     ap.add_argument('--out', type=Path, default=None)
     ap.add_argument('--trace', type=Path, default=None)
     ap.add_argument('--audit', type=Path, default=None)
+    ap.add_argument('--async-save', action='store_true', help='CheckpointCallback(async_save=True)')
     args = ap.parse_args(argv)
     if args.audit: audit(args.root, args.audit)
     if args.vote_every_batch:
@@ -130,7 +131,7 @@ def main(argv=None) -> dict | None:
     torch.manual_seed(100 + (rank if noise else 0))   # the ranks' RNGs differ: they must still agree on the order
     train = DataLoader(NoisyData(args.n_train, 1, noise), batch_size=args.bs, shuffle=True)
     valid = DataLoader(NoisyData(args.n_valid, 2, False), batch_size=args.bs * 2)
-    cbs = [CheckpointCallback(every_n_steps=args.every, keep_last=None), CSVLogger()]
+    cbs = [CheckpointCallback(every_n_steps=args.every, keep_last=None, async_save=args.async_save), CSVLogger()]
     if args.accum: cbs.append(GradientAccumulation(args.accum))
     if args.precision != 'fp32': cbs.append(MixedPrecision(torch.bfloat16 if args.precision == 'bf16' else torch.float16))
     if args.overflow_at is not None: cbs.append(Overflow(args.overflow_at))
@@ -160,6 +161,7 @@ def main(argv=None) -> dict | None:
     with learn.no_bar():
         if args.one_cycle: learn.fit_one_cycle(args.epochs, args.one_cycle, resume=args.resume)
         else: learn.fit(args.epochs, resume=args.resume)
+    learn.save_weights(Path(args.root) / 'weights.safetensors')       # every rank calls it; rank 0 writes
     preds, targs = learn.get_preds()
     values = learn.validate()
     scaler = learn.get_cb(MixedPrecision).scaler if args.precision == 'fp16' else None

@@ -21,6 +21,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,12 +62,12 @@ def model() -> nn.Module:
 
 def pause(marker: Path, what: str) -> None:
     "Write `marker` and wait for the parent to kill us; a SIGTERM (handled by the learner) ends the wait early."
-    got = []
-    previous = signal.getsignal(signal.SIGTERM)
+    got, main = [], threading.current_thread() is threading.main_thread()   # (a background write pauses in its thread:
+    previous = signal.getsignal(signal.SIGTERM)                              # only SIGKILL ends that pause)
     def on_term(signum, frame):
         got.append(signum)
         if callable(previous): previous(signum, frame)
-    signal.signal(signal.SIGTERM, on_term)
+    if main: signal.signal(signal.SIGTERM, on_term)
     try:
         tmp = marker.with_name(marker.name + '.tmp')
         tmp.write_text(what)
@@ -78,7 +79,7 @@ def pause(marker: Path, what: str) -> None:
                 os._exit(3)
             time.sleep(0.01)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main: signal.signal(signal.SIGTERM, previous)
 
 
 class PauseAt(Callback):
@@ -117,12 +118,12 @@ def hook_writes(pause_at: int | None, fail_after: int | None, marker: Path | Non
             pause(marker, f'write:{pause_at}:{path.name}')
         out = real(path, tensors, state, metadata)
         if count[0] == fail_after:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             limit = out.stat().st_size // 2
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
             print(f'resume_job: RLIMIT_FSIZE lowered to {limit} bytes after writing {out}', file=sys.stderr, flush=True)
         return out
 
+    if fail_after is not None: signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # (here: a write may run in a thread)
     ckpt.write_checkpoint = write_checkpoint
 
 
@@ -135,6 +136,7 @@ def main(argv=None):
     ap.add_argument('--pause', default=None, help='train:S, valid:S:I or write:N')
     ap.add_argument('--marker', type=Path, default=None, help='the file written when the job pauses')
     ap.add_argument('--fail-writes-after', type=int, default=None)
+    ap.add_argument('--async-save', action='store_true', help='CheckpointCallback(async_save=True)')
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -142,7 +144,7 @@ def main(argv=None):
     train_dl = DataLoader(NoisyData(N_TRAIN, 1, augment=True), batch_size=BATCH, shuffle=True,
                           num_workers=args.num_workers)
     valid_dl = DataLoader(NoisyData(N_VALID, 2, augment=False), batch_size=BATCH, num_workers=args.num_workers)
-    cbs = [CheckpointCallback(every_n_steps=EVERY_N_STEPS, keep_last=3)]
+    cbs = [CheckpointCallback(every_n_steps=EVERY_N_STEPS, keep_last=3, async_save=args.async_save)]
     pause_write = None
     if args.pause:
         kind, *nums = args.pause.split(':')

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from conftest import ROOT, env_for_subprocess, run
 from nbloop.ckpt_format import list_checkpoints, load_state
 
@@ -99,7 +101,9 @@ def test_only_rank_0_writes(reference):
     assert set(writes) == {'rank0', 'rank1'}
     assert writes['rank1'] == []
     names = {Path(p).name for p in writes['rank0']}
-    assert 'history.csv' in names and 'best.safetensors' in names
+    assert 'history.csv' in names and 'best.safetensors' in names and 'weights.safetensors' in names
+    plain = load_file(d / 'run' / 'weights.safetensors')          # learn.save_weights: the plain keys, no 'module.'
+    assert plain.keys() == reference['model'].keys() and all(torch.equal(plain[k], reference['model'][k]) for k in plain)
     assert sum(n.startswith('ckpt-') for n in names) == len(list_checkpoints(d / 'run' / 'checkpoints')) == 7
     state = load_state(list_checkpoints(d / 'run' / 'checkpoints')[0])
     assert state['training']['world_size'] == 2 and len(state['ranks']) == 2
@@ -116,6 +120,19 @@ def test_sigkill_of_one_rank_then_resume_is_bit_exact(reference, tmp_path):
     resumed = result(tmp_path / 'out.pt')
     assert resumed['resumed_from'].endswith(newest.name)
     assert_same_run(resumed, reference)
+
+
+def test_async_saves_under_ddp_write_what_synchronous_saves_write(reference, tmp_path):
+    """CheckpointCallback(async_save=True) with 2 processes: every rank sends its part, rank 0 writes in the
+    background; the same files hold the same states as the reference run's synchronous saves, and the run is the same."""
+    ok(torchrun(tmp_path / 'run', '--async-save', '--out', tmp_path / 'out.pt'))
+    assert_same_run(result(tmp_path / 'out.pt'), reference)
+    mine, theirs = list_checkpoints(tmp_path / 'run' / 'checkpoints'), list_checkpoints(reference['dir'] / 'run' / 'checkpoints')
+    assert [re.sub(r'-run[0-9a-f]{8}', '', p.name) for p in mine] == [re.sub(r'-run[0-9a-f]{8}', '', p.name) for p in theirs]
+    for a, b in zip(mine, theirs):
+        sa, sb = load_state(a), load_state(b)
+        assert all(torch.equal(sa['model'][k], sb['model'][k]) for k in sb['model']) and len(sa['ranks']) == 2, a.name
+        assert all(torch.equal(x['rng']['torch'], y['rng']['torch']) for x, y in zip(sa['ranks'], sb['ranks'])), a.name
 
 
 @pytest.mark.parametrize('every_batch', [True, False], ids=['vote-every-batch', 'adaptive-vote'])

@@ -166,11 +166,13 @@ def _sigkill(pause, *args):
     return fn
 
 for _name, (_pause, _) in KILL_POINTS.items(): scenario(_name)(_sigkill(_pause))
+# the same with async_save: the write dies in the background thread while training goes on to the next save
+scenario('async-checkpoint-write-begun')(_sigkill(KILL_POINTS['checkpoint-write-begun'][0], '--async-save'))
 scenario('workers')(_sigkill('train:10', '--num-workers', '2'))
 
-def _sigterm(pause):
+def _sigterm(pause, *args):
     def fn(folder):
-        job, _ = paused_job(folder, pause, sig=signal.SIGTERM)
+        job, _ = paused_job(folder, pause, *args, sig=signal.SIGTERM)
         err = job.err()
         m = re.search(r'SIGTERM received; saved checkpoint (\S+\.safetensors)\.', err)
         saved = Path(m[1]) if m else None
@@ -184,14 +186,17 @@ SIGTERM_POINTS = {
     'valid:12:0': 'ckpt-step000000012-epoch0001-valid.safetensors',
 }
 for _pause in SIGTERM_POINTS: scenario(f'sigterm-{_pause}')(_sigterm(_pause))
+scenario('sigterm-async-train:9')(_sigterm('train:9', '--async-save'))   # the interrupt checkpoint, written in the background
 
-@scenario('failed-write')
-def _failed_write(folder):
-    job = Job(folder, '--fail-writes-after', '1', out=False)
+def _failed_write(folder, *args):
+    job = Job(folder, '--fail-writes-after', '1', *args, out=False)
     status = job.wait()
     files = sorted(p.name for p in (folder / 'checkpoints').iterdir())
     state = load_state(folder / 'checkpoints' / files[0]) if files else None
     return {'status': status, 'err': job.err(), 'files': files, 'state': state, 'got': run(folder, '--resume')}
+
+scenario('failed-write')(_failed_write)
+scenario('async-failed-write')(lambda folder: _failed_write(folder, '--async-save'))   # failed in the background
 
 
 @pytest.fixture(scope='module')
@@ -222,13 +227,13 @@ def reference_workers(outcomes, reference) -> dict:
     return ref
 
 
-@pytest.mark.parametrize('scenario', list(KILL_POINTS))
+@pytest.mark.parametrize('scenario', [*KILL_POINTS, 'async-checkpoint-write-begun'])
 def test_sigkill_then_resume_is_exact(scenario, outcomes, reference):
-    pause, expected = KILL_POINTS[scenario]
+    pause, expected = KILL_POINTS[scenario.removeprefix('async-')]
     if scenario.startswith('random'):
         print(f'random kill point: {pause} (seed {SEED}; set NBLOOP_RESUME_SEED to draw another)')
     out = outcomes[scenario].result()
-    if scenario == 'checkpoint-write-begun':
+    if scenario.endswith('checkpoint-write-begun'):
         # the half-written temporary file is still there, and has no checkpoint name: the previous one is newest
         assert len(out['leftovers']) == 1 and re.fullmatch(r'\.nbl-\d+-[0-9a-f]{8}\.tmp', out['leftovers'][0]), out['leftovers']
         assert out['newest'] == [expected]
@@ -244,18 +249,18 @@ def test_sigkill_then_resume_with_workers_is_exact(scenario, outcomes, reference
     assert_same_run(out['got'], reference_workers)
 
 
-@pytest.mark.parametrize('scenario', [f'sigterm-{p}' for p in SIGTERM_POINTS])
+@pytest.mark.parametrize('scenario', [*(f'sigterm-{p}' for p in SIGTERM_POINTS), 'sigterm-async-train:9'])
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(scenario, outcomes, reference):
     out = outcomes[scenario].result()
     assert out['status'] == 143, out['err']
     assert 'fit stopped by SIGTERM' in out['err']
     assert out['saved'] is not None, f"no 'saved checkpoint <path>' on stderr:\n{out['err']}"
-    assert base_name(out['saved']) == SIGTERM_POINTS[scenario.removeprefix('sigterm-')] and out['saved'].exists()
+    assert base_name(out['saved']) == SIGTERM_POINTS[scenario.removeprefix('sigterm-').removeprefix('async-')] and out['saved'].exists()
     assert out['got']['resumed_from'] == str(out['saved'])
     assert_same_run(out['got'], reference)
 
 
-@pytest.mark.parametrize('scenario', ['failed-write'])
+@pytest.mark.parametrize('scenario', ['failed-write', 'async-failed-write'])
 def test_failed_write_leaves_previous_checkpoint_intact(scenario, outcomes, reference):
     "A full disk (RLIMIT_FSIZE below a checkpoint's size) fails the 2nd write clearly; the 1st stays usable."
     out = outcomes[scenario].result()
