@@ -151,7 +151,8 @@ class CheckpointCallback(MonitorCallback):
     def _finish_writes(self, learn: Learner) -> None:
         "Wait for the background write in flight (raising its failure), and say how long training waited for saves."
         if self.writer is None: return
-        self.writer.close()
+        writer, self.writer = self.writer, None                # (a save after the fit, by hand, writes at once)
+        writer.close()
         if self.blocked: learn.runtime.say(
             f'nbloop: {len(self.blocked)} checkpoint(s) written in the background; training waited '
             f'{statistics.median(self.blocked) * 1000:.1f} ms per save (median), {max(self.blocked) * 1000:.1f} ms at most')
