@@ -21,7 +21,7 @@ from .core import check_resume, is_index, patch, short
 from .recorder import new_figure
 from .ckpt_format import (CheckpointError, CheckpointWriteError, check_tensors, checkpoint_info, checkpoint_name,
                           fsync_dir, list_checkpoints, load_model_state, load_state, new_run_id, scan_checkpoints,
-                          temporary_path)
+                          being_written, temporary_path)
 from .learner import Learner
 from .runtime import BackgroundWriter
 from .state import saved_position
@@ -52,13 +52,13 @@ def _starts_like_checkpoint(p: Path) -> bool:
 
 def remove_stale_temporaries(folder: str | Path,  # The checkpoint folder; a missing one is left alone
                              ) -> list[Path]:
-    "Delete the temporary files of interrupted checkpoint writes in `folder` (of processes no longer running, or this one)."
+    "Delete the temporary files of interrupted checkpoint writes in `folder`: of processes no longer running, or this one's that no thread is writing."
     removed = []
     folder = Path(folder)
     if not folder.is_dir(): return removed
     for p in folder.iterdir():
         m = _TEMP.match(p.name)
-        if m and (int(m[1]) == os.getpid() or not _running(int(m[1]))) and _starts_like_checkpoint(p):
+        if m and not being_written(p) and (int(m[1]) == os.getpid() or not _running(int(m[1]))) and _starts_like_checkpoint(p):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

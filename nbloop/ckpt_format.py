@@ -28,12 +28,12 @@ from .state_tree import MAX_DEPTH, flatten_state, json_depth, unflatten_state
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'CheckpointError', 'CorruptCheckpointError', 'UnsafeCheckpointError',
-           'CheckpointVersionError', 'CheckpointWriteError', 'temporary_path', 'fsync_dir', 'write_checkpoint',
-           'checkpoint_info', 'read_checkpoint', 'save_state', 'load_state', 'CheckpointMismatchError', 'check_tensors',
-           'check_optimizer_state', 'unusable', 'checkpoint_path', 'save_weights_file', 'export_weights',
-           'load_model_state', 'check_model_fits', 'optimizer_class', 'check_optimizer_fits', 'check_training_state',
-           'check_state_fits', 'new_run_id', 'checkpoint_name', 'CheckpointFile', 'scan_checkpoints',
-           'list_checkpoints', 'read_training_state', 'find_checkpoint']
+           'CheckpointVersionError', 'CheckpointWriteError', 'temporary_path', 'being_written', 'fsync_dir',
+           'write_checkpoint', 'checkpoint_info', 'read_checkpoint', 'save_state', 'load_state',
+           'CheckpointMismatchError', 'check_tensors', 'check_optimizer_state', 'unusable', 'checkpoint_path',
+           'save_weights_file', 'export_weights', 'load_model_state', 'check_model_fits', 'optimizer_class',
+           'check_optimizer_fits', 'check_training_state', 'check_state_fits', 'new_run_id', 'checkpoint_name',
+           'CheckpointFile', 'scan_checkpoints', 'list_checkpoints', 'read_training_state', 'find_checkpoint']
 
 # %% ../nbs/03_ckpt_format.ipynb #3c4bfb5a
 FORMAT, FORMAT_VERSION = 'nbloop', 2    # 2: checksum over all metadata, write time, run id. Versions 1 and 2 are read.
@@ -87,6 +87,14 @@ def temporary_path(path: str | Path,  # The destination; the temporary file goes
     "A fresh temporary name next to `path`: `.nbl-<pid>-<random>.tmp`, short whatever `path`'s name."
     return Path(path).with_name(f'.nbl-{os.getpid()}-{os.urandom(4).hex()}.tmp')
 
+# %% ../nbs/03_ckpt_format.ipynb #8ab3be8b
+_WRITING: set[str] = set()      # the names of the temporary files this process is writing now, in any thread
+
+def being_written(path: str | Path,  # A temporary file (`temporary_path`)
+                  ) -> bool:
+    "Whether this process is writing `path` now, in any thread (a background save): cleanup must leave it alone."
+    return Path(path).name in _WRITING                   # (a name: the pid and 32 random bits, wherever the folder)
+
 # %% ../nbs/03_ckpt_format.ipynb #7ee84e8a
 def fsync_dir(path: Path,  # The folder to sync
               ) -> None:
@@ -106,6 +114,7 @@ def write_checkpoint(path: str | Path,                        # The file to writ
     "Write `tensors` and a JSON-able `state` to `path` atomically, as safetensors with a checksum (`metadata`: extra header strings)."
     path = Path(path)
     tmp = temporary_path(path)
+    _WRITING.add(tmp.name)
     try:
         for name, t in tensors.items():
             if not isinstance(t, torch.Tensor) or t.dtype not in _DTYPES:
@@ -141,6 +150,7 @@ def write_checkpoint(path: str | Path,                        # The file to writ
         if isinstance(e, (TypeError, ValueError)): raise
         raise CheckpointWriteError(f'could not write checkpoint {path}: {type(e).__name__}: {e}. '
                                    f'Any previous file at that path is intact.') from e
+    finally: _WRITING.discard(tmp.name)
     return path
 
 # %% ../nbs/03_ckpt_format.ipynb #9f7f142a

@@ -905,3 +905,27 @@ def test_the_json_of_a_checkpoint_does_not_grow_with_the_run(tmp_path):
     drop_time = lambda rows: [{k: v for k, v in r.items() if k != 'time'} for r in rows]
     assert drop_time(resumed.recorder.history) == drop_time(whole.recorder.history)
     assert resumed.recorder.losses == whole.recorder.losses
+
+
+def test_cleanup_never_removes_a_background_write_in_flight(tmp_path, monkeypatch):
+    """A checkpoint write in flight in the background (held in its fsync, its temporary file on disk): a fit that
+    starts in the same folder, which removes what dead writers left, leaves it alone, and the write completes."""
+    import threading
+    from nbloop.runtime import BackgroundWriter
+    entered, release, real_fsync = threading.Event(), threading.Event(), os.fsync
+    def held_fsync(fd):
+        if threading.current_thread().name == 'nbloop-checkpoint-writer':
+            entered.set(); release.wait(10)
+        real_fsync(fd)
+    monkeypatch.setattr(os, 'fsync', held_fsync)
+    folder, writer = tmp_path / 'checkpoints', BackgroundWriter()
+    writer.submit(folder / 'background.safetensors', {'w': torch.ones(3)})
+    try:
+        assert entered.wait(10)
+        in_flight = list(folder.glob('.nbl-*.tmp'))
+        assert len(in_flight) == 1
+        quiet_fit(make(tmp_path), 1)                   # its before_fit cleans the folder of stale temporaries
+        assert in_flight[0].exists()
+    finally: release.set()
+    writer.wait()
+    assert load_state(folder / 'background.safetensors')['w'].tolist() == [1., 1., 1.] and not in_flight[0].exists()
