@@ -247,22 +247,21 @@ def predicted_class(pred: torch.Tensor,   # Logits: a (class) dimension more tha
                      f"predictions with one more (class) dimension than the targets, or the same shape")
 
 # %% ../nbs/06_metrics.ipynb #b0539790
+def _count_classes(scores: torch.Tensor, classes: torch.Tensor, targ: torch.Tensor) -> tuple:
+    "(correct, counted, NaN scores) as int64 tensors on the device, of predicted `classes`; targets of -100 don't count."
+    # a predicted class is never negative, so a target of -100 is never a hit; count_nonzero costs less than sum
+    hits = classes == (targ.long() if targ.is_floating_point() else targ)
+    return hits.count_nonzero(), (targ != _IGNORE).count_nonzero(), scores.isnan().count_nonzero()
+
 def _accuracy_counts(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "(correct, counted, NaN predictions) as int64 tensors on the device; targets equal to -100 are not counted."
-    # a predicted class is never negative, so a target of -100 is never a hit; count_nonzero costs less than sum
-    hits = predicted_class(pred, targ) == (targ.long() if targ.is_floating_point() else targ)
-    return hits.count_nonzero(), (targ != _IGNORE).count_nonzero(), pred.isnan().count_nonzero()
+    return _count_classes(pred, predicted_class(pred, targ), targ)
 
 def _class_rows(pred: torch.Tensor, targ: torch.Tensor) -> tuple | None:
     """Logits `(N, C)` of targets `(N,)` as rows: each sample's largest logit (NaN if one is: `max` propagates it)
     and its class (the argmax's), and its target; one device op. Other shapes: None, counted at once."""
     if targ.ndim != 1 or pred.ndim != 2 or pred.shape[1] == 1: return None
     return (*pred.max(dim=1), targ)
-
-def _count_class_rows(top: torch.Tensor, classes: torch.Tensor, targ: torch.Tensor) -> tuple:
-    "`_accuracy_counts` of the rows of many batches."
-    hits = classes == (targ.long() if targ.is_floating_point() else targ)
-    return hits.count_nonzero(), (targ != _IGNORE).count_nonzero(), top.isnan().count_nonzero()
 
 def accuracy(pred: torch.Tensor,   # Logits or scores, read by `predicted_class`
              targ: torch.Tensor,   # The target classes; those equal to -100 (padding) are not counted
@@ -272,7 +271,7 @@ def accuracy(pred: torch.Tensor,   # Logits or scores, read by `predicted_class`
     return (correct / counted).where(unread == 0, math.nan)
 
 accuracy.counts, _accuracy_counts.reads_classes = _accuracy_counts, True
-_accuracy_counts.rows, _accuracy_counts.of_rows = _class_rows, _count_class_rows
+_accuracy_counts.rows, _accuracy_counts.of_rows = _class_rows, _count_classes   # rows: (largest logit, class, target)
 
 # %% ../nbs/06_metrics.ipynb #27b17ac9
 def top_k_accuracy(k: int = 5,   # How many of the highest predictions may hold the target (>= 1)

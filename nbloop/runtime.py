@@ -448,13 +448,13 @@ def _host_snapshot(tensors: dict[str, torch.Tensor],  # The state's tensors, on 
                    buffers: dict[str, torch.Tensor],  # The last snapshot's copies, reused where they fit (no fresh pages)
                    ) -> dict[str, torch.Tensor]:
     "Copies of `tensors` on the host that nothing else holds (from CUDA: into pinned memory, then one sync)."
-    out = {}
+    out, synced = {}, True
     for k, t in tensors.items():
         b, cuda = buffers.get(k), t.device.type == 'cuda'
         if b is None or b.shape != t.shape or b.dtype != t.dtype or b.is_pinned() != cuda:
             b = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
-        out[k] = b.copy_(t.detach(), non_blocking=cuda)
-    if any(t.device.type == 'cuda' for t in tensors.values()): torch.cuda.synchronize()
+        out[k], synced = b.copy_(t.detach(), non_blocking=cuda), synced and not cuda
+    if not synced: torch.cuda.synchronize()
     return out
 
 class BackgroundWriter:
