@@ -15,8 +15,10 @@ from .state import *
 from .data import *
 from .state_tree import *
 from .ckpt_format import *
+from .ckpt_sharded import *
 from .runtime import *
 from .distributed import *
+from .sharded import *
 from .launch import *
 from .metrics import *
 from .recorder import *
@@ -31,8 +33,8 @@ from . import checkpoint as _checkpoint, ckpt_format as _ckpt_format, core as _c
 from . import distributed as _distributed, recorder as _recorder
 from . import launch as _launch, learner as _learner, loggers as _loggers, metrics as _metrics, plots as _plots
 from . import progress as _progress, runtime as _runtime, schedule as _schedule, state as _state, training as _training
-from . import state_tree as _state_tree
+from . import ckpt_sharded as _ckpt_sharded, sharded as _sharded, state_tree as _state_tree
 
-__all__ = ['torch', 'nn', 'F'] + [n for m in (_core, _state, _data, _state_tree, _ckpt_format, _runtime, _distributed, _launch, _metrics, _recorder, _progress,
+__all__ = ['torch', 'nn', 'F'] + [n for m in (_core, _state, _data, _state_tree, _ckpt_format, _ckpt_sharded, _runtime, _distributed, _sharded, _launch, _metrics, _recorder, _progress,
                                               _schedule, _learner, _training, _checkpoint, _plots, _loggers)
                                   for n in m.__all__]

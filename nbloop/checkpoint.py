@@ -22,6 +22,7 @@ from .recorder import new_figure
 from .ckpt_format import (CheckpointError, CheckpointWriteError, check_tensors, checkpoint_info, checkpoint_name,
                           fsync_dir, list_checkpoints, load_model_state, load_state, new_run_id, scan_checkpoints,
                           being_written, temporary_path)
+from .ckpt_sharded import move_into_place, shards_folder
 from .learner import Learner
 from .runtime import BackgroundWriter
 from .state import saved_position
@@ -58,9 +59,11 @@ def remove_stale_temporaries(folder: str | Path,  # The checkpoint folder; a mis
     if not folder.is_dir(): return removed
     for p in folder.iterdir():
         m = _TEMP.match(p.name)
-        if m and not being_written(p) and (int(m[1]) == os.getpid() or not _running(int(m[1]))) and _starts_like_checkpoint(p):
-            p.unlink(missing_ok=True)
-            removed.append(p)
+        if not m or being_written(p) or (int(m[1]) != os.getpid() and _running(int(m[1]))): continue
+        if _starts_like_checkpoint(p): p.unlink(missing_ok=True)
+        elif p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)   # a sharded write's folder
+        else: continue
+        removed.append(p)
     return removed
 
 # %% ../nbs/11_checkpoint.ipynb #7eeea89f
@@ -96,7 +99,7 @@ class CheckpointCallback(MonitorCallback):
     def before_fit(self, learn: Learner):
         self.remember(None, None)
         self.last_path, self.blocked = None, []
-        self.writer = BackgroundWriter() if self.async_save else None
+        self.writer = learn.runtime.background_writer() if self.async_save else None
         self.run = new_run_id()          # a resumed run gets its own id back from its state (load_state_dict)
         self._warned = False
         learn.runtime.on_main(self._prepare_folder, self.checkpoint_folder(learn))
@@ -180,7 +183,18 @@ def _rotate(self: CheckpointCallback, path: Path) -> None:
     "Once `path` is complete: this run's checkpoints older than its newest `keep_last` go."
     if self.keep_last is None: return
     for old in list_checkpoints(path.parent, run=self.run)[:-self.keep_last]:
-        if old != path: old.unlink(missing_ok=True)
+        if old != path:
+            old.unlink(missing_ok=True)                                  # (invisible first, then its shards go)
+            shutil.rmtree(shards_folder(old), ignore_errors=True)
+
+def _link_folder(src: Path, dst: Path) -> None:
+    "`dst` becomes a folder of second names for the files of `src` (or copies), replacing what was there."
+    tmp = temporary_path(dst)
+    tmp.mkdir()
+    for f in src.iterdir():
+        try: os.link(f, tmp / f.name)
+        except OSError: shutil.copyfile(f, tmp / f.name)
+    move_into_place(tmp, dst)
 
 @patch
 def _link_best(self: CheckpointCallback, path: Path) -> None:
@@ -188,6 +202,7 @@ def _link_best(self: CheckpointCallback, path: Path) -> None:
     best = path.parent / 'best.safetensors'
     tmp = temporary_path(best)
     try:
+        if shards_folder(path).is_dir(): _link_folder(shards_folder(path), shards_folder(best))   # a sharded one's shards
         try: os.link(path, tmp)              # a second name for the same bytes: instant, and atomic below
         except OSError: shutil.copyfile(path, tmp)
         os.replace(tmp, best)

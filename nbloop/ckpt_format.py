@@ -31,9 +31,9 @@ __all__ = ['FORMAT', 'FORMAT_VERSION', 'CheckpointError', 'CorruptCheckpointErro
            'CheckpointVersionError', 'CheckpointWriteError', 'temporary_path', 'being_written', 'fsync_dir',
            'write_checkpoint', 'checkpoint_info', 'read_checkpoint', 'save_state', 'load_state',
            'CheckpointMismatchError', 'check_tensors', 'check_optimizer_state', 'unusable', 'checkpoint_path',
-           'save_weights_file', 'export_weights', 'load_model_state', 'check_model_fits', 'optimizer_class',
-           'check_optimizer_fits', 'check_training_state', 'check_state_fits', 'new_run_id', 'checkpoint_name',
-           'CheckpointFile', 'scan_checkpoints', 'list_checkpoints', 'read_training_state', 'find_checkpoint']
+           'save_weights_file', 'load_model_state', 'check_model_fits', 'optimizer_class', 'check_optimizer_fits',
+           'check_training_state', 'check_state_fits', 'new_run_id', 'checkpoint_name', 'CheckpointFile',
+           'scan_checkpoints', 'list_checkpoints', 'read_training_state', 'find_checkpoint']
 
 # %% ../nbs/03_ckpt_format.ipynb #3c4bfb5a
 FORMAT, FORMAT_VERSION = 'nbloop', 2    # 2: checksum over all metadata, write time, run id. Versions 1 and 2 are read.
@@ -300,7 +300,8 @@ def checkpoint_info(path: str | Path,  # The checkpoint file; only its header is
     with _open_file(path) as (f, size): h = _read_header(f, path, size)
     written = h.meta.get('written') if h.version is not None else None
     return {'format_version': h.version, 'written': None if written is None else int(written),
-            'run': h.meta.get('run') if h.version is not None else None}
+            'run': h.meta.get('run') if h.version is not None else None,
+            'checksum': h.meta.get('checksum') if h.version is not None else None}
 
 # %% ../nbs/03_ckpt_format.ipynb #f1783aaf
 def read_checkpoint(path: str | Path,  # The file to read: an nbloop checkpoint or a plain safetensors file
@@ -403,16 +404,6 @@ def save_weights_file(path: str | Path,                        # The file to wri
     if '__metadata__' in state_dict: raise ValueError("no state_dict key can be '__metadata__': safetensors names its header so")
     return write_checkpoint(path, dict(state_dict), {'kind': 'weights', 'model': {k: {'__tensor__': k} for k in state_dict}},
                             metadata)
-
-# %% ../nbs/03_ckpt_format.ipynb #837eb994
-def export_weights(checkpoint: str | Path,  # Any file `load_state` reads: a training checkpoint, `learn.save`'s, weights
-                   out: str | Path,         # The plain weights file to write
-                   ) -> Path:
-    "The model's weights in `checkpoint` as one plain safetensors file (`save_weights_file`); no process group needed."
-    state = load_state(checkpoint)
-    try: check_tensors(state.get('model'), 'model')
-    except ValueError as e: raise unusable(checkpoint, e) from e
-    return save_weights_file(out, state['model'])
 
 # %% ../nbs/03_ckpt_format.ipynb #e8dbce66
 def _model_problems(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
@@ -610,9 +601,9 @@ def read_training_state(path: str | Path,                 # A checkpoint file wr
     if state.get('kind') != 'training':
         raise CheckpointError(f'{path} holds weights only (written by learn.save); resume needs a checkpoint written '
                               f'by CheckpointCallback during fit. To start from these weights, learn.load it and fit.')
+    state['path'] = str(path)                      # (the checks may read the file's siblings: a sharded one's shards)
     try: check(state)
     except ValueError as e: raise unusable(path, e) from e
-    state['path'] = str(path)
     return state
 
 # %% ../nbs/03_ckpt_format.ipynb #b890302c

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['distributed_env', 'get_rank', 'get_world_size', 'init_distributed', 'destroy_distributed', 'side_group',
-           'process_part', 'LaunchError', 'launch']
+__all__ = ['distributed_env', 'get_rank', 'get_world_size', 'init_distributed', 'destroy_distributed', 'init_group_of_one',
+           'side_group', 'process_part', 'LaunchError', 'launch']
 
 # %% ../nbs/04_launch.ipynb #173a581a
 _side: dict = {}                          # the CPU (gloo) group of the current process group
@@ -85,6 +85,18 @@ def destroy_distributed(settle: bool = True,   # Give gloo's threads a moment (F
         dist.destroy_process_group()
         gc.collect()
         if settle: time.sleep(0.2)
+
+# %% ../nbs/04_launch.ipynb #8b6eba21
+def init_group_of_one(backend: str = 'gloo',   # 'gloo' (CPU) or 'nccl' (one GPU)
+                      ) -> None:
+    "A process group of this process alone, in memory, destroyed at exit; `launch` is still allowed after it."
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    _side['alone'] = dist.group.WORLD
+    atexit.register(destroy_distributed)
+
+def _alone() -> bool:
+    "Whether the current process group is the group of one that `init_group_of_one` made."
+    return dist.is_initialized() and _side.get('alone') is dist.group.WORLD
 
 # %% ../nbs/04_launch.ipynb #bac6580a
 def side_group():
@@ -144,6 +156,8 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
     except (OSError, AttributeError): pass
 
+_inherited: list = []
+
 def _launched(fn: Callable, args: tuple, kwargs: dict, env: dict, conn) -> None:
     "The body of each process `launch` starts."
     os.setpgrp()             # a terminal's Ctrl-C reaches launch, which passes it on once
@@ -155,6 +169,9 @@ def _launched(fn: Callable, args: tuple, kwargs: dict, env: dict, conn) -> None:
     torch.set_num_threads = _one_thread
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if dist.is_initialized():     # the parent's group of one (`init_group_of_one`), copied by fork without its threads:
+        _inherited.append(dict(_side))    # left, and its groups never destroyed (their destructors would wait for them)
+        dist.destroy_process_group(); _side.clear()
     code = 0
     try:
         result = fn(*args, **kwargs)
@@ -215,7 +232,7 @@ def launch(fn: Callable,                   # The function each process runs (cre
                            "tensor or model moved to 'cuda', a torch.cuda call). Processes started with fork cannot "
                            'use CUDA after that. Restart the kernel and call launch before anything touches the GPU: '
                            'create the model, the data and the Learner inside the function you pass to launch.')
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _alone():
         raise RuntimeError('launch: this process already belongs to a process group; call launch from a plain '
                            'notebook or script, not from inside a distributed run')
     ctx, port = multiprocessing.get_context('fork'), _free_port()

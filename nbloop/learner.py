@@ -29,7 +29,7 @@ from .ckpt_format import (CheckpointMismatchError, FORMAT_VERSION, check_model_f
                                 check_state_fits, check_tensors, check_training_state, checkpoint_path, find_checkpoint,
                                 load_model_state, load_state, optimizer_class, read_training_state, unusable)
 from .runtime import runtime_settings
-from .distributed import make_runtime
+from .sharded import FSDP, make_runtime
 from .recorder import Recorder, RecorderView
 from .progress import ProgressCallback
 from .schedule import (LRFinder, LRFindResult, LRScheduler, TrainableGroups, check_frozen, frozen_names,
@@ -57,12 +57,12 @@ class Learner(CallbackHost, RunStateView, TrainableGroups, RecorderView):
                  wd: float | None = None,                   # Weight decay (the optimizer's `weight_decay`); None: its own
                  splitter: Callable | None = None,          # `splitter(model)`: parameter groups, body first (`freeze`)
                  n_inp: int | None = None,                  # Inputs per batch (then targets); None: from the first batch
+                 strategy: str | FSDP | None = None,        # None/'ddp': DDP with several processes; 'fsdp'/`FSDP(...)`: sharded
                  ):
         if not isinstance(model, nn.Module): raise TypeError(f'model must be a torch.nn.Module; got {describe(model)}')
-        check_dataloader(train_dl, 'train_dl'); check_dataloader(valid_dl, 'valid_dl', optional=True)
+        check_dataloader(train_dl, 'train_dl'); check_dataloader(valid_dl, 'valid_dl', optional=True); check_number(lr, 'lr')
         if not callable(loss_func): raise TypeError(f'loss_func must be callable, like F.cross_entropy; got {loss_func!r}')
-        check_number(lr, 'lr')
-        self.runtime, self.state, self.recorder = make_runtime(device), RunState(n_inp), Recorder(metrics)
+        self.runtime, self.state, self.recorder = make_runtime(device, strategy), RunState(n_inp), Recorder(metrics)
         super().__init__([self.recorder, ProgressCallback(), *cbs], self.runtime.runs_here)
         # what the callbacks ask of the runtime (precision, ...) is known before the model is wrapped
         self.model = self.runtime.prepare_model(model, compile=compile, **runtime_settings(self.cbs, self.runtime))
@@ -478,7 +478,7 @@ def load(self: Learner,
          ) -> Learner:
     "Load model (and optimizer) state saved by `save` or a `CheckpointCallback`, onto this learner's device."
     path = checkpoint_path(self.path, name_or_path)
-    load_weights(self.model, self.opt, load_state(path), str(path), with_opt=with_opt, strict=strict)
+    load_weights(self.model, self.opt, self.runtime.localize(load_state(path), path), str(path), with_opt=with_opt, strict=strict)
     return self
 
 # %% ../nbs/09_learner.ipynb #3d939396

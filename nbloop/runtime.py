@@ -502,6 +502,11 @@ class BackgroundWriter:
         try: self.wait()
         finally: self._buffers = {}
 
+@patch
+def background_writer(self: Runtime) -> BackgroundWriter | None:
+    "What writes this runtime's checkpoints in the background (`CheckpointCallback(async_save=True)`): a `BackgroundWriter`."
+    return BackgroundWriter()
+
 # %% ../nbs/05_runtime.ipynb #e7c44999
 @patch
 def save(self: Runtime,
@@ -551,4 +556,15 @@ def own_part(self: Runtime,
              total_steps: int | None,    # Training steps of the fit that resumes it
              ) -> dict | None:
     "This process's part of a checkpoint's state (`launch.process_part`): its random states and gradients."
-    return process_part(state, total_steps, self.rank, self.world_size)
+    return None if state is None else self.localize(process_part(state, total_steps, self.rank, self.world_size), state.get('path'))
+
+@patch
+def localize(self: Runtime,
+             state: dict,              # A state read from a file
+             path: str | Path | None,  # The file it was read from (named in the message)
+             ) -> dict:
+    """The state as this process holds it: here, as it was read. A sharded checkpoint (`ckpt_sharded`, written with
+    `strategy='fsdp'`) is a `CheckpointMismatchError`: the sharded runtime reads it."""
+    if 'shards' not in state: return state
+    raise CheckpointMismatchError(f"{path} is a sharded checkpoint (written with strategy='fsdp'): resume or load it "
+                                  f"with strategy='fsdp', or make plain weights of it with export_weights({str(path)!r}, out)")

@@ -30,7 +30,7 @@ from nbloop.core import Callback, unwrap_model
 from nbloop.learner import Learner
 from nbloop.loggers import CSVLogger
 from nbloop.metrics import accuracy
-from nbloop.training import GradientAccumulation, MixedPrecision, TerminateOnNaN
+from nbloop.training import EarlyStopping, GradientAccumulation, GradientClip, MixedPrecision, TerminateOnNaN
 
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_job import N_CLASSES, N_FEATURES, NoisyData  # noqa: E402  (the data of the one-process resume tests)
@@ -95,6 +95,16 @@ def audit(root: Path, folder: Path) -> None:
     atexit.register(dump)
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    "A tensor's full value, detached (a sharded DTensor gathered from every process)."
+    return (t.full_tensor() if hasattr(t, 'full_tensor') else t).detach()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    "What this process holds of a tensor (a DTensor's own rows)."
+    return t.to_local() if hasattr(t, 'to_local') else t
+
+
 def main(argv=None) -> dict | None:
     ap = argparse.ArgumentParser()
     ap.add_argument('--root', type=Path, required=True)
@@ -119,8 +129,22 @@ def main(argv=None) -> dict | None:
     ap.add_argument('--trace', type=Path, default=None)
     ap.add_argument('--audit', type=Path, default=None)
     ap.add_argument('--async-save', action='store_true', help='CheckpointCallback(async_save=True)')
+    ap.add_argument('--strategy', default=None, help="Learner(strategy=...): None, 'ddp' or 'fsdp'")
+    ap.add_argument('--clip', type=float, default=None, help='GradientClip(max_norm)')
+    ap.add_argument('--early-stop', action='store_true', help='EarlyStopping(patience=1, restore_best=True)')
+    ap.add_argument('--no-pickle', action='store_true', help='pickle.load(s) and torch.load raise (a checkpoint never needs them)')
     args = ap.parse_args(argv)
     if args.audit: audit(args.root, args.audit)
+    if args.no_pickle:              # unpickling is refused, but for the messages between processes (c10d's objects)
+        import pickle
+        def refusing(original):
+            def refuse(*a, **k):
+                frame = sys._getframe(1)
+                while frame is not None and not frame.f_code.co_filename.endswith('distributed_c10d.py'): frame = frame.f_back
+                if frame is None: raise AssertionError('something was unpickled that is no message between processes')
+                return original(*a, **k)
+            return refuse
+        pickle.load, pickle.loads, torch.load = refusing(pickle.load), refusing(pickle.loads), refusing(torch.load)
     if args.vote_every_batch:
         from nbloop.distributed import DistributedRuntime
         DistributedRuntime.vote_interval = 0.
@@ -133,6 +157,8 @@ def main(argv=None) -> dict | None:
     valid = DataLoader(NoisyData(args.n_valid, 2, False), batch_size=args.bs * 2)
     cbs = [CheckpointCallback(every_n_steps=args.every, keep_last=None, async_save=args.async_save), CSVLogger()]
     if args.accum: cbs.append(GradientAccumulation(args.accum))
+    if args.clip: cbs.append(GradientClip(args.clip))
+    if args.early_stop: cbs.append(EarlyStopping(patience=1, restore_best=True))
     if args.precision != 'fp32': cbs.append(MixedPrecision(torch.bfloat16 if args.precision == 'bf16' else torch.float16))
     if args.overflow_at is not None: cbs.append(Overflow(args.overflow_at))
     if args.die:
@@ -145,7 +171,7 @@ def main(argv=None) -> dict | None:
         args.trace.mkdir(parents=True, exist_ok=True)
         cbs.append(Trace(args.trace))
     learn = Learner(model, train, valid, loss_func=F.cross_entropy, lr=1e-2, metrics=[accuracy], cbs=cbs,
-                    device='cpu', path=args.root, compile=args.compile)
+                    device='cpu', path=args.root, compile=args.compile, strategy=args.strategy)
     allreduces = [0]
     if args.count_allreduce:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -155,9 +181,9 @@ def main(argv=None) -> dict | None:
         learn.model.register_comm_hook(None, counting)
     suggestion = None
     if args.lr_find:
-        before = [p.detach().clone() for p in learn.model.parameters()]
+        before = [full(p).clone() for p in learn.model.parameters()]
         with learn.no_bar(): suggestion = learn.lr_find(num_it=30).suggestion
-        assert all(torch.equal(a, p) for a, p in zip(before, learn.model.parameters())), 'lr_find changed the model'
+        assert all(torch.equal(a, full(p)) for a, p in zip(before, learn.model.parameters())), 'lr_find changed the model'
     with learn.no_bar():
         if args.one_cycle: learn.fit_one_cycle(args.epochs, args.one_cycle, resume=args.resume)
         else: learn.fit(args.epochs, resume=args.resume)
@@ -165,14 +191,16 @@ def main(argv=None) -> dict | None:
     preds, targs = learn.get_preds()
     values = learn.validate()
     scaler = learn.get_cb(MixedPrecision).scaler if args.precision == 'fp16' else None
-    result = {'model': {k: v.detach().clone() for k, v in unwrap_model(learn.model).state_dict().items()},
+    result = {'model': {k: full(v).clone() for k, v in unwrap_model(learn.model).state_dict().items()},
               'history': [{k: v for k, v in row.items() if k != 'time'} for row in learn.recorder.history],
               'preds': preds, 'targs': targs, 'validate': values, 'world_size': learn.runtime.world_size,
               'ddp': type(learn.model).__name__, 'allreduces': allreduces[0], 'train_iter': learn.train_iter,
               'scale': None if scaler is None else scaler.get_scale(), 'resumed_from': str(learn.resumed_from),
               'suggestion': suggestion}
     # every rank's weights, to check that they stay identical
-    result['weights_by_rank'] = learn.runtime.gather(torch.cat([p.detach().flatten() for p in learn.model.parameters()]))
+    result['weights_by_rank'] = learn.runtime.gather(torch.cat([full(p).flatten() for p in learn.model.parameters()]))
+    result['local_numel'] = learn.runtime.gather(sum(local(p).numel() for p in learn.model.parameters()))
+    result['stopped_epoch'] = learn.get_cb(EarlyStopping).stopped_epoch if args.early_stop else None
     if rank == 0 and args.out: torch.save(result, args.out)
     globals()["LEARN"] = learn
     return {k: result[k] for k in ('history', 'world_size', 'train_iter')}

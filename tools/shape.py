@@ -32,11 +32,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ['core', 'state', 'data', 'state_tree', 'ckpt_format', 'launch', 'runtime', 'distributed', 'metrics', 'recorder', 'progress', 'schedule', 'learner',
+LAYERS = ['core', 'state', 'data', 'state_tree', 'ckpt_format', 'ckpt_sharded', 'launch', 'runtime', 'distributed', 'sharded', 'metrics', 'recorder', 'progress', 'schedule', 'learner',
           'training', 'checkpoint', 'plots', 'loggers', 'all', 'demo']
 DISTRIBUTION = {'distributed', 'world_size', 'rank', 'is_main', 'is_main_process', 'get_rank', 'get_world_size',
                 'local_rank', 'main_process', 'runs_here'}
-DISTRIBUTION_HOMES = {'runtime', 'distributed', 'data', 'launch'}
+DISTRIBUTION_HOMES = {'runtime', 'distributed', 'sharded', 'data', 'launch'}
 BLOCKS = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.Try, ast.With, ast.AsyncWith)
 if sys.version_info >= (3, 11): BLOCKS += (ast.TryStar,)
 
