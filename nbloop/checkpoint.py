@@ -36,6 +36,7 @@ __all__ = ['remove_stale_temporaries', 'CheckpointCallback', 'Table', 'compare_c
 
 # %% ../nbs/11_checkpoint.ipynb #d750f331
 _TEMP = re.compile(r'^\.nbl-(\d+)-[0-9a-f]{8}\.tmp$')
+_SHARD = re.compile(r'^rank\d{5}\.safetensors$')
 
 def _running(pid: int) -> bool:
     try: os.kill(pid, 0)
@@ -51,6 +52,12 @@ def _starts_like_checkpoint(p: Path) -> bool:
     except OSError: return False
     return len(head) < 9 or head[8:9] == b'{'
 
+def _holds_only_shards(p: Path) -> bool:
+    "Whether `p` is a folder (not a link) of shard files being written: only `rankNNNNN.safetensors` and our temporaries, at least one."
+    try: entries = list(p.iterdir()) if p.is_dir() and not p.is_symlink() else []
+    except OSError: return False
+    return bool(entries) and all((_SHARD.match(e.name) or _TEMP.match(e.name)) and stat.S_ISREG(e.lstat().st_mode) for e in entries)
+
 def remove_stale_temporaries(folder: str | Path,  # The checkpoint folder; a missing one is left alone
                              ) -> list[Path]:
     "Delete the temporary files of interrupted checkpoint writes in `folder`: of processes no longer running, or this one's that no thread is writing."
@@ -61,7 +68,7 @@ def remove_stale_temporaries(folder: str | Path,  # The checkpoint folder; a mis
         m = _TEMP.match(p.name)
         if not m or being_written(p) or (int(m[1]) != os.getpid() and _running(int(m[1]))): continue
         if _starts_like_checkpoint(p): p.unlink(missing_ok=True)
-        elif p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)   # a sharded write's folder
+        elif _holds_only_shards(p): shutil.rmtree(p, ignore_errors=True)   # a sharded write's folder
         else: continue
         removed.append(p)
     return removed

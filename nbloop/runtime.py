@@ -502,6 +502,7 @@ class BackgroundWriter:
         try: self.wait()
         finally: self._buffers = {}
 
+# %% ../nbs/05_runtime.ipynb #c0c9a9aa
 @patch
 def background_writer(self: Runtime) -> BackgroundWriter | None:
     "What writes this runtime's checkpoints in the background (`CheckpointCallback(async_save=True)`): a `BackgroundWriter`."
@@ -549,15 +550,7 @@ def pick(self: Runtime,
     "The training state to resume: here, what `find()` returns."
     return find()
 
-# %% ../nbs/05_runtime.ipynb #44feff03
-@patch
-def own_part(self: Runtime,
-             state: dict | None,         # A training state read from a file (as `pick` returns it)
-             total_steps: int | None,    # Training steps of the fit that resumes it
-             ) -> dict | None:
-    "This process's part of a checkpoint's state (`launch.process_part`): its random states and gradients."
-    return None if state is None else self.localize(process_part(state, total_steps, self.rank, self.world_size), state.get('path'))
-
+# %% ../nbs/05_runtime.ipynb #7e2a8152
 @patch
 def localize(self: Runtime,
              state: dict,              # A state read from a file
@@ -568,3 +561,12 @@ def localize(self: Runtime,
     if 'shards' not in state: return state
     raise CheckpointMismatchError(f"{path} is a sharded checkpoint (written with strategy='fsdp'): resume or load it "
                                   f"with strategy='fsdp', or make plain weights of it with export_weights({str(path)!r}, out)")
+
+# %% ../nbs/05_runtime.ipynb #44feff03
+@patch
+def own_part(self: Runtime,
+             state: dict | None,         # A training state read from a file (as `pick` returns it)
+             total_steps: int | None,    # Training steps of the fit that resumes it
+             ) -> dict | None:
+    "This process's part of a checkpoint's state (`launch.process_part`): its random states and gradients."
+    return None if state is None else self.localize(process_part(state, total_steps, self.rank, self.world_size), state.get('path'))

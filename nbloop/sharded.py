@@ -138,6 +138,20 @@ class ShardedRuntime(DistributedRuntime):
         if training and not self._syncing and self.steps: self.no_sync(self.model, False)
         return context
 
+# %% ../nbs/05b_sharded.ipynb #789982f7
+@patch
+def repeat_forward(self: ShardedRuntime,
+                   state,       # The learner's `RunState`: `xb`, the inputs of the phase's last batch
+                   times: int,  # How many forwards this process is short of the process with the most batches
+                   ) -> None:
+    "Run the model on the last batch's inputs `times` times, the output unused: forwards that only take part in gathers."
+    if times and state.xb is None:
+        raise RuntimeError(f'under the fsdp strategy every process must run as many forwards, but process {self.rank} '
+                           f'has no batch of {state.dl_name} at all while another has {times}: give it at least one '
+                           f'batch per process')
+    for _ in range(times):
+        with self.autocast(): self.model(*state.xb)
+
 # %% ../nbs/05b_sharded.ipynb #fd291f7f
 @patch
 @contextlib.contextmanager
@@ -154,19 +168,6 @@ def phase_context(self: ShardedRuntime,
         yield
         self.repeat_forward(state, extra)
     self.check_stop(state, end=True)
-
-@patch
-def repeat_forward(self: ShardedRuntime,
-                   state,       # The learner's `RunState`: `xb`, the inputs of the phase's last batch
-                   times: int,  # How many forwards this process is short of the process with the most batches
-                   ) -> None:
-    "Run the model on the last batch's inputs `times` times, the output unused: forwards that only take part in gathers."
-    if times and state.xb is None:
-        raise RuntimeError(f'under the fsdp strategy every process must run as many forwards, but process {self.rank} '
-                           f'has no batch of {state.dl_name} at all while another has {times}: give it at least one '
-                           f'batch per process')
-    for _ in range(times):
-        with self.autocast(): self.model(*state.xb)
 
 # %% ../nbs/05b_sharded.ipynb #ef27c619
 @patch
@@ -198,55 +199,13 @@ def _split_shards(state: Any, at: tuple = ()) -> tuple[Any, list]:
         return type(state)([v for v, _ in pairs]), [x for _, f in pairs for x in f]
     return state, []
 
-# %% ../nbs/05b_sharded.ipynb #762669c7
-class ShardedWriter(BackgroundWriter):
-    """`CheckpointCallback(async_save=True)` under the sharded runtime: each process copies its shards to host
-    memory at the save (a snapshot) and writes its shard file in a background thread. The checkpoint is completed
-    (with every process: the folder moved into place, the manifest written by rank 0) when the next save begins or
-    the fit ends; until then it is invisible, and a failure is raised there, in every process alike."""
-    def __init__(self, runtime: ShardedRuntime):
-        super().__init__()
-        self.runtime, self._complete, self._entry = runtime, None, None
-
-    def submit_shard(self,
-                     file: Path,                # This process's shard file
-                     tensors: dict,             # Its local shards, by name; snapshotted now
-                     complete: Callable,        # `complete(entry, error)`, with every process, once the file is written
-                     ) -> None:
-        "Complete the checkpoint before (every process takes part), snapshot `tensors`, start writing them."
-        self.wait()
-        self._buffers = _host_snapshot(tensors, self._buffers)
-        self._complete, self._entry = complete, None
-        self._thread = threading.Thread(target=self._write_shard, args=(file, self._buffers), name='nbloop-shard-writer')
-        self._thread.start()
-
-    def _write_shard(self, file: Path, tensors: dict) -> None:
-        try: self._entry = _write_shard(file, tensors)
-        except BaseException as e: self._error = e
-
-    def check(self) -> None:
-        "Nothing here: a failed shard write is raised when the checkpoint is completed, in every process at once."
-
-    def wait(self) -> None:
-        "Wait for this process's write, then complete the pending checkpoint with every process (a collective)."
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        complete, error, self._complete, self._error = self._complete, self._error, None, None
-        if complete is not None: complete(self._entry, error)
-
-@patch
-def background_writer(self: ShardedRuntime) -> ShardedWriter:
-    "A `ShardedWriter`: each process writes its shard file in the background (`CheckpointCallback(async_save=True)`)."
-    return ShardedWriter(self)
-
 # %% ../nbs/05b_sharded.ipynb #0e5e0971
 @patch
 def save(self: ShardedRuntime,
          path: str | Path,                        # The checkpoint (its manifest); the shard files go to `<name>.shards`
          state: dict,                             # This process's state (its sharded tensors are DTensors)
          metadata: dict[str, str] | None = None,  # Extra header strings (the run id)
-         writer: ShardedWriter | None = None,     # Write the shard file in its background thread; None: now
+         writer: BackgroundWriter | None = None,  # A `ShardedWriter`: the shard file in its background thread; None: now
          then: Callable[[Path], Any] | None = None,  # Called (in rank 0) with the path once the checkpoint is complete
          ) -> Path | None:
     """Every process calls it and writes its shard file; rank 0 then moves the shard folder into place and writes
@@ -295,6 +254,49 @@ def _complete(self: ShardedRuntime, path: Path, folder: Path, tree: dict, specs:
     move_into_place(folder, shards_folder(path))
     return self._write_state(path, tree, metadata, None, then)
 
+# %% ../nbs/05b_sharded.ipynb #762669c7
+class ShardedWriter(BackgroundWriter):
+    """`CheckpointCallback(async_save=True)` under the sharded runtime: each process copies its shards to host
+    memory at the save (a snapshot) and writes its shard file in a background thread. The checkpoint is completed
+    (with every process: the folder moved into place, the manifest written by rank 0) when the next save begins or
+    the fit ends; until then it is invisible, and a failure is raised there, in every process alike."""
+    def __init__(self, runtime: ShardedRuntime):
+        super().__init__()
+        self.runtime, self._complete, self._entry = runtime, None, None
+
+    def submit_shard(self,
+                     file: Path,                # This process's shard file
+                     tensors: dict,             # Its local shards, by name; snapshotted now
+                     complete: Callable,        # `complete(entry, error)`, with every process, once the file is written
+                     ) -> None:
+        "Complete the checkpoint before (every process takes part), snapshot `tensors`, start writing them."
+        self.wait()
+        self._buffers = _host_snapshot(tensors, self._buffers)
+        self._complete, self._entry = complete, None
+        self._thread = threading.Thread(target=self._write_shard, args=(file, self._buffers), name='nbloop-shard-writer')
+        self._thread.start()
+
+    def _write_shard(self, file: Path, tensors: dict) -> None:
+        try: self._entry = _write_shard(file, tensors)
+        except BaseException as e: self._error = e
+
+    def check(self) -> None:
+        "Nothing here: a failed shard write is raised when the checkpoint is completed, in every process at once."
+
+    def wait(self) -> None:
+        "Wait for this process's write, then complete the pending checkpoint with every process (a collective)."
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        complete, error, self._complete, self._error = self._complete, self._error, None, None
+        if complete is not None: complete(self._entry, error)
+
+# %% ../nbs/05b_sharded.ipynb #13233c13
+@patch
+def background_writer(self: ShardedRuntime) -> ShardedWriter:
+    "A `ShardedWriter`: each process writes its shard file in the background (`CheckpointCallback(async_save=True)`)."
+    return ShardedWriter(self)
+
 # %% ../nbs/05b_sharded.ipynb #c5c2083b
 @patch
 def check_state_dict(self: ShardedRuntime,
@@ -304,18 +306,7 @@ def check_state_dict(self: ShardedRuntime,
     DistributedRuntime.check_state_dict(self, state)
     if 'shards' in state and 'path' in state and self.is_main: verify_shards(state, state['path'])
 
-@patch
-def own_part(self: ShardedRuntime,
-             state: dict | None,         # A training state read from a checkpoint (as `pick` returns it)
-             total_steps: int | None,    # Training steps of the fit that resumes it
-             ) -> dict | None:
-    "This process's part of a checkpoint (`launch.process_part`), its sharded tensors its own rows (`localize`)."
-    if state is None: return None
-    grads = state.get('grads')
-    state = process_part(state, total_steps, self.rank, self.world_size)
-    state['grads'] = grads                  # the sharded gradients: the same global tensors in every process
-    return self.localize(state, state.get('path'))
-
+# %% ../nbs/05b_sharded.ipynb #4fe032e6
 @patch
 def localize(self: ShardedRuntime,
              state: dict,             # A state read from a file (a sharded checkpoint's, or whole weights)
@@ -339,6 +330,19 @@ def localize(self: ShardedRuntime,
              else v for k, v in state.get('model', {}).items()}
     if 'opt' in state: warnings.warn(f"{path}: its optimizer state, written without sharding, is not loaded under strategy='fsdp'")
     return {**{k: v for k, v in state.items() if k not in ('opt', 'opt_class')}, 'model': model}
+
+# %% ../nbs/05b_sharded.ipynb #3810cf51
+@patch
+def own_part(self: ShardedRuntime,
+             state: dict | None,         # A training state read from a checkpoint (as `pick` returns it)
+             total_steps: int | None,    # Training steps of the fit that resumes it
+             ) -> dict | None:
+    "This process's part of a checkpoint (`launch.process_part`), its sharded tensors its own rows (`localize`)."
+    if state is None: return None
+    grads = state.get('grads')
+    state = process_part(state, total_steps, self.rank, self.world_size)
+    state['grads'] = grads                  # the sharded gradients: the same global tensors in every process
+    return self.localize(state, state.get('path'))
 
 # %% ../nbs/05b_sharded.ipynb #1d0bbe9e
 def check_strategy(strategy: Any,   # What the learner was given as its `strategy`

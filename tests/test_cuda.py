@@ -374,3 +374,86 @@ def test_async_saves_on_the_gpu_equal_synchronous_ones_and_stall_less(tmp_path, 
     cnn().load_state_dict(load_file(export_weights(async_files[-1], tmp_path / 'w.safetensors')), strict=True)
     med = lambda xs: sorted(xs)[len(xs) // 2] * 1000
     print(f'GPU save stall: synchronous {med(sync_cb.blocked):.1f} ms, async {med(async_cb.blocked):.1f} ms (median)')
+
+
+# -- sharded (strategy='fsdp') on one GPU ---------------------------------------------------------------------------
+def full_state(obj):
+    "A copy of a nested state on the CPU, every sharded tensor (DTensor) whole."
+    if hasattr(obj, 'full_tensor'): obj = obj.full_tensor()
+    if isinstance(obj, torch.Tensor): return obj.detach().cpu().clone()
+    if isinstance(obj, dict): return {k: full_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(full_state(v) for v in obj)
+    return obj
+
+
+@pytest.fixture
+def group_left():
+    "The process group of one that a one-process sharded learner makes is left after the test."
+    yield
+    from nbloop.launch import destroy_distributed
+    destroy_distributed()
+
+
+@pytest.mark.timeout(240)
+def test_fsdp_bf16_on_one_gpu_resumes_bit_exactly(tmp_path, deterministic, group_left):
+    """strategy='fsdp' with MixedPrecision(bfloat16) (FSDP's precision policy) on one GPU (a mesh of one): the
+    parameters are DTensors in float32, checkpoints are sharded (a manifest and its .shards folder), and a crash
+    mid-epoch 1 resumed with resume='last' ends bit for bit as the uninterrupted run."""
+    every, kw = 4, dict(strategy='fsdp')
+    ref_learn = digits_learner(tmp_path / 'ref', 'bf16', **kw)
+    with ref_learn.no_bar(): ref_learn.fit(2)
+    weight = ref_learn.model[0].weight
+    assert type(weight).__name__ == 'DTensor' and weight.dtype == torch.float32 and weight.device.type == 'cuda'
+    n = len(ref_learn.train_dl)
+    step = n + 10
+    first = digits_learner(tmp_path / 'run', 'bf16', cbs=[CheckpointCallback(every_n_steps=every), StopAt(step, 'crash')], **kw)
+    with pytest.raises(BaseException), first.no_bar(): first.fit(2)       # the simulated crash
+    newest = list_checkpoints(tmp_path / 'run' / 'checkpoints')[-1]
+    assert shards_folder(newest).is_dir()
+    second = digits_learner(tmp_path / 'run', 'bf16', cbs=[CheckpointCallback(every_n_steps=every)], seed=1, **kw)
+    with second.no_bar(): second.fit(2, resume='last')
+    assert_same(full_state(second.model.state_dict()), full_state(ref_learn.model.state_dict()), 'weights')
+    assert_same(full_state(second.opt.state_dict()['state']), full_state(ref_learn.opt.state_dict()['state']), 'optimizer state')
+    assert second.recorder.losses == ref_learn.recorder.losses
+    from safetensors.torch import load_file
+    cnn().load_state_dict(load_file(export_weights(newest, tmp_path / 'w.safetensors')), strict=True)
+
+
+@pytest.mark.timeout(180)
+def test_fsdp_has_no_host_sync_in_steady_state_batches(tmp_path, monkeypatch, group_left):
+    "Under strategy='fsdp' (bf16) as without it: no host sync in the watched training and validation batches."
+    watch_train, watch_valid = SyncWatch('train'), SyncWatch('valid')
+    learn = digits_learner(tmp_path, 'bf16', batch_size=16, strategy='fsdp', cbs=[watch_train, watch_valid])
+    learn.get_cb(ProgressCallback).refresh_every = 1e9
+    with recorded_syncs() as found: learn.fit(1)
+    assert watch_train.watched >= 80 and watch_valid.watched >= 8, (watch_train.watched, watch_valid.watched)
+    assert not found, f'{len(found)} host sync(s) in steady-state fsdp batches:\n' + describe_syncs(found)
+
+
+@pytest.mark.timeout(240)
+def test_fsdp_async_saves_stall_less_measured_with_cuda_events(tmp_path, deterministic, group_left):
+    """CheckpointCallback(async_save=True) under fsdp on the GPU: the same checkpoints as synchronous saves, bit for
+    bit; the time each save holds up the GPU's stream (CUDA events around each save) is printed for both modes."""
+    class Timed(CheckpointCallback):
+        def save(self, learn, best=False):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(); path = super().save(learn, best); end.record()
+            self.events.append((start, end))
+            return path
+    runs = {}
+    for mode in (False, True):
+        cb = Timed(every_n_steps=5, keep_last=None, async_save=mode)
+        cb.events = []
+        learn = digits_learner(tmp_path / str(mode), strategy='fsdp', cbs=[cb])
+        with learn.no_bar(): learn.fit(2)
+        torch.cuda.synchronize()
+        runs[mode] = (cb, list_checkpoints(tmp_path / str(mode) / 'checkpoints'))
+    strip = lambda p: p.name.split('-run')[0] + p.name.split('-run')[1][8:]
+    assert [strip(p) for p in runs[True][1]] == [strip(p) for p in runs[False][1]] and runs[True][1]
+    from nbloop.ckpt_sharded import fill_shards
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert_same(fill_shards(load_state(a), a)['model'], fill_shards(load_state(b), b)['model'], f'weights in {a.name}')
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    gpu = {m: med([s.elapsed_time(e) for s, e in runs[m][0].events]) for m in runs}
+    print(f'fsdp GPU save stall (CUDA events): synchronous {gpu[False]:.1f} ms, async {gpu[True]:.1f} ms (median); '
+          f'host: {med(runs[False][0].blocked) * 1000:.1f} ms, {med(runs[True][0].blocked) * 1000:.1f} ms')
