@@ -133,6 +133,7 @@ def main(argv=None) -> dict | None:
     ap.add_argument('--clip', type=float, default=None, help='GradientClip(max_norm)')
     ap.add_argument('--early-stop', action='store_true', help='EarlyStopping(patience=1, restore_best=True)')
     ap.add_argument('--no-pickle', action='store_true', help='pickle.load(s) and torch.load raise (a checkpoint never needs them)')
+    ap.add_argument('--slow-writer', type=float, default=0., help='each shard file write sleeps this long first (fsdp)')
     args = ap.parse_args(argv)
     if args.audit: audit(args.root, args.audit)
     if args.no_pickle:              # unpickling is refused, but for the messages between processes (c10d's objects)
@@ -148,6 +149,14 @@ def main(argv=None) -> dict | None:
     if args.vote_every_batch:
         from nbloop.distributed import DistributedRuntime
         DistributedRuntime.vote_interval = 0.
+    if args.slow_writer:            # several training steps happen while one background write is in progress
+        import time
+        import nbloop.sharded
+        fast = nbloop.sharded.write_checkpoint
+        def slow(*a, **k):
+            time.sleep(args.slow_writer)
+            return fast(*a, **k)
+        nbloop.sharded.write_checkpoint = slow
     rank = int(os.environ.get('RANK', 0))
     torch.manual_seed(0)                            # the same model everywhere
     noise = not args.plain

@@ -4,8 +4,12 @@ The job is tests/ddp_job.py with `--strategy fsdp`: a tiny MLP with dropout and 
 data, every rank seeded differently, sharded checkpoints every 4 steps. Runs that are compared bit for bit use the
 same job uninterrupted (the `reference` fixture); runs compared with one process use `--plain` (no noise).
 """
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, env_for_subprocess
 from nbloop.ckpt_format import list_checkpoints, load_state
-from nbloop.ckpt_sharded import export_weights, shards_folder
+from nbloop.ckpt_sharded import export_weights, shards_folder, verify_shards
 from test_ddp import assert_same_run, ok, result, single, torchrun, traces
 
 FSDP = ('--strategy', 'fsdp')
@@ -170,10 +174,11 @@ def _full(path: Path) -> dict:
 
 
 def test_async_sharded_saves_write_what_synchronous_saves_write(reference, tmp_path):
-    """CheckpointCallback(async_save=True) under fsdp: each process writes its shard file in the background and the
-    checkpoint is completed at the next save; the same checkpoints hold the same states, bit for bit (weights,
-    optimizer state, every process's random states), as the synchronous reference's, and the run is the same."""
-    p = ok(torchrun(tmp_path / 'run', *FSDP, '--async-save', '--out', tmp_path / 'out.pt'))
+    """CheckpointCallback(async_save=True) under fsdp: each process writes its shard file in the background (each
+    write slowed by 0.3 s, so that training steps go on during it) and the checkpoint is completed at the next save;
+    the same checkpoints hold the same states, bit for bit (weights, optimizer state, every process's random
+    states), as the synchronous reference's, and the run is the same."""
+    p = ok(torchrun(tmp_path / 'run', *FSDP, '--async-save', '--slow-writer', '0.3', '--out', tmp_path / 'out.pt'))
     assert re.search(r'nbloop: 7 checkpoint\(s\) written in the background; training waited', p.stdout + p.stderr)
     assert_same_run(result(tmp_path / 'out.pt'), reference)
     mine, theirs = list_checkpoints(tmp_path / 'run' / 'checkpoints'), list_checkpoints(reference['dir'] / 'run' / 'checkpoints')
@@ -196,3 +201,57 @@ def test_sigkill_while_an_async_write_is_pending_resumes_from_the_complete_one(r
     assert not any('-step000000008-' in q.name for q in folder.iterdir() if not q.name.startswith('.nbl-'))
     ok(torchrun(tmp_path / 'run', *FSDP, '--async-save', '--resume', 'last', '--out', tmp_path / 'out.pt'))
     assert_same_run(result(tmp_path / 'out.pt'), reference)
+
+
+def test_elastic_restart_after_a_worker_dies_under_fsdp(reference, tmp_path):
+    "torchrun --max-restarts=1: rank 1 exits with os._exit(1) at step 10; the group restarts from the newest sharded checkpoint."
+    ok(torchrun(tmp_path / 'run', *FSDP, '--die', '1:10:exit', '--resume', 'last', '--out', tmp_path / 'out.pt',
+                extra=['--max-restarts=1']))
+    resumed = result(tmp_path / 'out.pt')
+    assert resumed['resumed_from'].endswith('-epoch0001-batch2.safetensors')
+    assert_same_run(resumed, reference)
+
+
+def test_resharding_two_to_three(tmp_path):
+    """A 2-process sharded run killed mid-epoch 1, continued by 3 processes: each reads its rows (a third of each
+    tensor, from one or both shard files), and every sample of the interrupted epoch is trained on exactly once."""
+    p = torchrun(tmp_path / 'run', *FSDP, '--die', '1:10:kill', '--trace', tmp_path / 't2')
+    assert p.returncode != 0
+    r = ok(torchrun(tmp_path / 'run', *FSDP, '--resume', 'last', '--trace', tmp_path / 't3', '--out', tmp_path / 'o.pt',
+                    nproc=3))
+    assert 'was written by 2 processes and is resumed by 3' in r.stderr
+    before = [i for rank in (0, 1) for e, step, idx in traces(tmp_path / 't2')[rank] if e == 1 and step < 8 for i in idx]
+    after = [i for rank in (0, 1, 2) for e, _, idx in traces(tmp_path / 't3')[rank] if e == 1 for i in idx]
+    extra = Counter(before + after) - Counter(range(96))              # 64 left for 3: padded to 66, 2 repeated
+    assert len(before) == 32 and set(before + after) == set(range(96)) and sum(extra.values()) <= 2
+    assert not set(extra) & set(before)                               # what was trained before is not trained again
+    out = result(tmp_path / 'o.pt')
+    assert out['world_size'] == 3 and len(out['local_numel']) == 3 and len(out['history']) == 3
+    assert all(torch.equal(w, out['weights_by_rank'][0]) for w in out['weights_by_rank'])
+
+
+def test_ctrl_c_on_launch_stops_both_and_writes_a_sharded_interrupt_checkpoint(tmp_path):
+    """SIGINT to the script that called launch: both sharded processes stop after the same batch, rank 0 says it
+    saved once, and the interrupt checkpoint is complete: a manifest with both processes' parts and both shard files."""
+    cmd = [sys.executable, ROOT / 'tests' / 'ddp_launch.py', '--root', tmp_path / 'run', '--epochs', '200', *FSDP,
+           '--trace', tmp_path / 't']
+    p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env_for_subprocess(), start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / 't' / 'trace-rank1').exists() or len((tmp_path / 't' / 'trace-rank1').read_text().splitlines()) < 8:
+            assert time.monotonic() < deadline and p.poll() is None, 'the launched processes did not start training'
+            time.sleep(0.2)
+        os.kill(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        try: os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+    assert p.returncode != 0 and 'KeyboardInterrupt' in err, err[-3000:]
+    assert len([line for line in err.splitlines() if 'SIGINT received; saved checkpoint' in line]) == 1, err[-3000:]
+    newest = list_checkpoints(tmp_path / 'run' / 'checkpoints')[-1]
+    state = load_state(newest)
+    assert len(state['ranks']) == 2 and len(state['shards']['files']) == 2
+    verify_shards(state, newest)
+    t = traces(tmp_path / 't')
+    assert len(t[0]) == len(t[1]) and state['training']['train_iter'] == len(t[0])
