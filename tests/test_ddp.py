@@ -302,14 +302,11 @@ def test_lr_find_under_ddp(tmp_path):
     assert all(torch.equal(w, out['weights_by_rank'][0]) for w in out['weights_by_rank'])
 
 
-@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
-def test_ctrl_c_on_launch_stops_every_process(tmp_path, sig):
-    """SIGINT to the process that called launch (a notebook's stop button): it passes one SIGINT to each process;
-    they stop at one batch boundary, write the interrupt checkpoint and exit, and launch raises KeyboardInterrupt.
-    SIGTERM (kill PID, docker stop) is passed on the same way, and then ends the caller (exit -15): before, the
-    caller died at once and the processes with it, without a checkpoint."""
+def interrupted_launch(tmp_path: Path, sig: int, *args) -> tuple[subprocess.Popen, str, str]:
+    """tests/ddp_launch.py (the job in 2 processes by `launch`, 200 epochs, traced into tmp_path/t, `args` added),
+    sent `sig` once rank 1 has run 8 batches; returns the finished process, its stdout and its stderr."""
     cmd = [sys.executable, ROOT / 'tests' / 'ddp_launch.py', '--root', tmp_path / 'run', '--epochs', '200',
-           '--trace', tmp_path / 't']
+           '--trace', tmp_path / 't', *args]
     p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env_for_subprocess(), start_new_session=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -322,6 +319,16 @@ def test_ctrl_c_on_launch_stops_every_process(tmp_path, sig):
     finally:
         try: os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError: pass
+    return p, out, err
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_ctrl_c_on_launch_stops_every_process(tmp_path, sig):
+    """SIGINT to the process that called launch (a notebook's stop button): it passes one SIGINT to each process;
+    they stop at one batch boundary, write the interrupt checkpoint and exit, and launch raises KeyboardInterrupt.
+    SIGTERM (kill PID, docker stop) is passed on the same way, and then ends the caller (exit -15): before, the
+    caller died at once and the processes with it, without a checkpoint."""
+    p, out, err = interrupted_launch(tmp_path, sig)
     if sig == signal.SIGINT: assert p.returncode != 0 and 'KeyboardInterrupt' in err, err[-3000:]
     else: assert p.returncode == -signal.SIGTERM, (p.returncode, err[-3000:])
     stops = [line for line in err.splitlines() if f'{sig.name} received; saved checkpoint' in line]

@@ -4,12 +4,8 @@ The job is tests/ddp_job.py with `--strategy fsdp`: a tiny MLP with dropout and 
 data, every rank seeded differently, sharded checkpoints every 4 steps. Runs that are compared bit for bit use the
 same job uninterrupted (the `reference` fixture); runs compared with one process use `--plain` (no noise).
 """
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,10 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, env_for_subprocess
 from nbloop.ckpt_format import list_checkpoints, load_state
 from nbloop.ckpt_sharded import export_weights, shards_folder, verify_shards
-from test_ddp import assert_same_run, ok, result, single, torchrun, traces
+from test_ddp import assert_same_run, interrupted_launch, ok, result, single, torchrun, traces
 
 FSDP = ('--strategy', 'fsdp')
 
@@ -233,20 +228,7 @@ def test_resharding_two_to_three(tmp_path):
 def test_ctrl_c_on_launch_stops_both_and_writes_a_sharded_interrupt_checkpoint(tmp_path):
     """SIGINT to the script that called launch: both sharded processes stop after the same batch, rank 0 says it
     saved once, and the interrupt checkpoint is complete: a manifest with both processes' parts and both shard files."""
-    cmd = [sys.executable, ROOT / 'tests' / 'ddp_launch.py', '--root', tmp_path / 'run', '--epochs', '200', *FSDP,
-           '--trace', tmp_path / 't']
-    p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env_for_subprocess(), start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / 't' / 'trace-rank1').exists() or len((tmp_path / 't' / 'trace-rank1').read_text().splitlines()) < 8:
-            assert time.monotonic() < deadline and p.poll() is None, 'the launched processes did not start training'
-            time.sleep(0.2)
-        os.kill(p.pid, signal.SIGINT)
-        out, err = p.communicate(timeout=120)
-    finally:
-        try: os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError: pass
+    p, out, err = interrupted_launch(tmp_path, signal.SIGINT, *FSDP)
     assert p.returncode != 0 and 'KeyboardInterrupt' in err, err[-3000:]
     assert len([line for line in err.splitlines() if 'SIGINT received; saved checkpoint' in line]) == 1, err[-3000:]
     newest = list_checkpoints(tmp_path / 'run' / 'checkpoints')[-1]
