@@ -28,8 +28,8 @@ from .state_tree import MAX_DEPTH, flatten_state, json_depth, unflatten_state
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'CheckpointError', 'CorruptCheckpointError', 'UnsafeCheckpointError',
-           'CheckpointVersionError', 'CheckpointWriteError', 'temporary_path', 'being_written', 'fsync_dir',
-           'write_checkpoint', 'checkpoint_info', 'read_checkpoint', 'save_state', 'load_state',
+           'CheckpointVersionError', 'CheckpointWriteError', 'temporary_path', 'being_written', 'note_writing',
+           'fsync_dir', 'write_checkpoint', 'checkpoint_info', 'read_checkpoint', 'save_state', 'load_state',
            'CheckpointMismatchError', 'check_tensors', 'check_optimizer_state', 'unusable', 'checkpoint_path',
            'save_weights_file', 'load_model_state', 'check_model_fits', 'optimizer_class', 'check_optimizer_fits',
            'check_training_state', 'check_state_fits', 'new_run_id', 'checkpoint_name', 'CheckpointFile',
@@ -94,6 +94,13 @@ def being_written(path: str | Path,  # A temporary file (`temporary_path`)
                   ) -> bool:
     "Whether this process is writing `path` now, in any thread (a background save): cleanup must leave it alone."
     return Path(path).name in _WRITING                   # (a name: the pid and 32 random bits, wherever the folder)
+
+# %% ../nbs/03_ckpt_format.ipynb #0665e90b
+def note_writing(path: str | Path,  # A temporary name (`temporary_path`) that this process writes into, in any thread
+                 writing: bool,     # True while it is being written; False once it is done
+                 ) -> None:
+    "Say that this process is writing `path` (a temporary folder of shard files, say), or has done: see `being_written`."
+    (_WRITING.add if writing else _WRITING.discard)(Path(path).name)
 
 # %% ../nbs/03_ckpt_format.ipynb #7ee84e8a
 def fsync_dir(path: Path,  # The folder to sync

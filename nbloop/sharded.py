@@ -19,8 +19,8 @@ from torch import nn
 
 from .core import patch, unwrap_model
 from .launch import distributed_env, init_group_of_one, process_part
-from .ckpt_format import (CheckpointMismatchError, CheckpointWriteError, checkpoint_info, save_weights_file,
-                                temporary_path, write_checkpoint)
+from .ckpt_format import (CheckpointMismatchError, CheckpointWriteError, checkpoint_info, note_writing,
+                                save_weights_file, temporary_path, write_checkpoint)
 from .ckpt_sharded import fill_shards, move_into_place, shards_folder, verify_shards
 from .runtime import BackgroundWriter, Runtime, _host_snapshot
 from .state_tree import flatten_state, unflatten_state
@@ -272,7 +272,9 @@ class ShardedWriter(BackgroundWriter):
         "Complete the checkpoint before (every process takes part), snapshot `tensors`, start writing them."
         self.wait()
         self._buffers = _host_snapshot(tensors, self._buffers)
-        self._complete, self._entry = complete, None
+        file.parent.mkdir(parents=True, exist_ok=True)
+        note_writing(file.parent, True)                 # a fit starting meanwhile must not clean the folder away
+        self._complete, self._entry, self._folder = complete, None, file.parent
         self._thread = threading.Thread(target=self._write_shard, args=(file, self._buffers), name='nbloop-shard-writer')
         self._thread.start()
 
@@ -289,7 +291,9 @@ class ShardedWriter(BackgroundWriter):
             self._thread.join()
             self._thread = None
         complete, error, self._complete, self._error = self._complete, self._error, None, None
-        if complete is not None: complete(self._entry, error)
+        if complete is None: return
+        try: complete(self._entry, error)
+        finally: note_writing(self._folder, False)
 
 # %% ../nbs/05b_sharded.ipynb #13233c13
 @patch
