@@ -69,3 +69,46 @@ def report(wall: dict, cpu: dict, ratios=(), indent: str = '', notes: dict | Non
         best = min(wall[a]) / min(wall[b])
         print(f'{indent}ratio {a}/{b}: {med:.3f} wall (quartiles {lo:.3f} .. {hi:.3f}), {cmed:.3f} CPU, '
               f'{best:.3f} best-of-rounds' + (f'   goal {goal}' if goal else ''))
+
+
+def distributed_datasets(seed=0):
+    "The torchrun jobs' data: 12,800 training and 3,200 validation samples of 32 features, 10 classes."
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16_000, 32, generator=g), torch.randint(0, 10, (16_000,), generator=g)
+    return TensorDataset(x[:12_800], y[:12_800]), TensorDataset(x[12_800:], y[12_800:])
+
+
+def distributed_validation(model, valid) -> None:
+    "A hand-written loop's validation under torchrun: loss, hits and count summed over all processes; rank 0 prints."
+    import torch.distributed as dist
+    model.eval()
+    sums = torch.zeros(3)
+    with torch.no_grad():
+        for xb, yb in valid:
+            pred = model(xb)
+            sums += torch.stack([torch.nn.functional.cross_entropy(pred, yb, reduction='sum'), (pred.argmax(1) == yb).sum(),
+                                 torch.tensor(float(len(yb)))])
+    dist.all_reduce(sums)
+    if dist.get_rank() == 0: print(f'{float(sums[0] / sums[2]):.4f} {float(sums[1] / sums[2]):.4f}')
+
+
+def distributed_rounds(contenders: dict, rounds: int, epochs: int, width: int) -> tuple[dict, dict]:
+    """In each torchrun process (gloo, one thread): a warm-up round, then `rounds` rounds of every contender
+    `f(epochs, train_ds, valid_ds, width, ends)` in alternating order; per-epoch (wall, CPU) seconds from the end
+    of the first epoch to the end of the last, as `({name: [wall s]}, {name: [CPU s]})`."""
+    import io
+    from contextlib import redirect_stdout
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo')
+    train_ds, valid_ds = distributed_datasets()
+    wall, cpu = {k: [] for k in contenders}, {k: [] for k in contenders}
+    for r in range(rounds + 1):                            # round 0 warms up
+        for k in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
+            ends = []
+            dist.barrier()
+            with redirect_stdout(io.StringIO()): contenders[k](epochs, train_ds, valid_ds, width, ends)
+            if r:
+                w, c = ((last - first) / (len(ends) - 1) for first, last in zip(ends[0], ends[-1]))
+                wall[k].append(w); cpu[k].append(c)
+    return wall, cpu

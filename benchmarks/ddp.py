@@ -19,25 +19,16 @@ Usage: python benchmarks/ddp.py [--rounds 9] [--epochs 4] [--width 64]   (starts
 Goal: learner/plain <= 1.05.
 """
 import argparse
-import io
 import os
 import subprocess
 import sys
 import time
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 HERE = Path(__file__).resolve().parent
-
-
-def datasets(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(16_000, 32, generator=g), torch.randint(0, 10, (16_000,), generator=g)
-    return TensorDataset(x[:12_800], y[:12_800]), TensorDataset(x[12_800:], y[12_800:])
 
 
 def plain_ddp(epochs, train_ds, valid_ds, width, ends):
@@ -45,7 +36,7 @@ def plain_ddp(epochs, train_ds, valid_ds, width, ends):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data.distributed import DistributedSampler
-    from common import mlp, train_epoch
+    from common import distributed_validation, mlp, train_epoch
     torch.manual_seed(0)
     model = DistributedDataParallel(mlp(width))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -55,15 +46,7 @@ def plain_ddp(epochs, train_ds, valid_ds, width, ends):
     for epoch in range(epochs):
         train_sampler.set_epoch(epoch)
         train_epoch(model, opt, train)
-        model.eval()
-        sums = torch.zeros(3)
-        with torch.no_grad():
-            for xb, yb in valid:
-                pred = model(xb)
-                sums += torch.stack([F.cross_entropy(pred, yb, reduction='sum'), (pred.argmax(1) == yb).sum(),
-                                     torch.tensor(float(len(yb)))])
-        dist.all_reduce(sums)
-        if dist.get_rank() == 0: print(f'{float(sums[0] / sums[2]):.4f} {float(sums[1] / sums[2]):.4f}')
+        distributed_validation(model, valid)
         ends.append((time.perf_counter(), time.process_time()))
 
 
@@ -85,20 +68,8 @@ def worker(args):
     "In each torchrun process: the rounds; rank 0 reports."
     sys.path.insert(0, str(HERE))
     import torch.distributed as dist
-    from common import report
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo')
-    train_ds, valid_ds = datasets()
-    contenders = {'plain': plain_ddp, 'learner': learner}
-    wall, cpu = {k: [] for k in contenders}, {k: [] for k in contenders}
-    for r in range(args.rounds + 1):                       # round 0 warms up
-        for k in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
-            ends = []
-            dist.barrier()
-            with redirect_stdout(io.StringIO()): contenders[k](args.epochs, train_ds, valid_ds, args.width, ends)
-            if r:
-                w, c = ((last - first) / (len(ends) - 1) for first, last in zip(ends[0], ends[-1]))
-                wall[k].append(w); cpu[k].append(c)
+    from common import distributed_rounds, report
+    wall, cpu = distributed_rounds({'plain': plain_ddp, 'learner': learner}, args.rounds, args.epochs, args.width)
     if dist.get_rank() == 0:
         print(f'torch {torch.__version__}, torchrun, 2 processes, gloo, one thread each; MLP 32->{args.width}->10, '
               f'12.8k + 3.2k samples, batch 32 per process; {args.rounds} interleaved rounds, rank 0, ms per epoch '

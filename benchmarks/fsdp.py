@@ -18,20 +18,17 @@ float32 weights, with 2 processes (each writes its half, in parallel) and with 1
 Usage: python benchmarks/fsdp.py [--rounds 7] [--epochs 3] [--width 256] [--save-mb 200] [--pairs 3] [--saves 3]
 """
 import argparse
-import io
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,18 +38,13 @@ def mlp(width):
     return nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
 
-def datasets(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(16_000, 32, generator=g), torch.randint(0, 10, (16_000,), generator=g)
-    return TensorDataset(x[:12_800], y[:12_800]), TensorDataset(x[12_800:], y[12_800:])
-
-
 def plain_fsdp(epochs, train_ds, valid_ds, width, ends):
     "The hand-written FSDP2 loop; `ends` gets (wall, CPU) times at the end of every epoch."
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.utils.data.distributed import DistributedSampler
+    from common import distributed_validation, train_epoch
     model, mesh = mlp(width), init_device_mesh('cpu', (dist.get_world_size(),))
     for layer in model:
         if isinstance(layer, nn.Linear): fully_shard(layer, mesh=mesh)
@@ -63,21 +55,8 @@ def plain_fsdp(epochs, train_ds, valid_ds, width, ends):
     valid = DataLoader(valid_ds, batch_size=32, sampler=DistributedSampler(valid_ds, shuffle=False))
     for epoch in range(epochs):
         train_sampler.set_epoch(epoch)
-        model.train()
-        for xb, yb in train:
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        model.eval()
-        sums = torch.zeros(3)
-        with torch.no_grad():
-            for xb, yb in valid:
-                pred = model(xb)
-                sums += torch.stack([F.cross_entropy(pred, yb, reduction='sum'), (pred.argmax(1) == yb).sum(),
-                                     torch.tensor(float(len(yb)))])
-        dist.all_reduce(sums)
-        if dist.get_rank() == 0: print(f'{float(sums[0] / sums[2]):.4f} {float(sums[1] / sums[2]):.4f}')
+        train_epoch(model, opt, train)
+        distributed_validation(model, valid)
         ends.append((time.perf_counter(), time.process_time()))
 
 
@@ -98,20 +77,8 @@ def loop_worker(args):
     "In each torchrun process: the rounds of part 1; rank 0 reports."
     sys.path.insert(0, str(HERE))
     import torch.distributed as dist
-    from common import report
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo')
-    train_ds, valid_ds = datasets()
-    contenders = {'plain': plain_fsdp, 'learner': learner}
-    wall, cpu = {k: [] for k in contenders}, {k: [] for k in contenders}
-    for r in range(args.rounds + 1):                       # round 0 warms up
-        for k in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
-            ends = []
-            dist.barrier()
-            with redirect_stdout(io.StringIO()): contenders[k](args.epochs, train_ds, valid_ds, args.width, ends)
-            if r:
-                w, c = ((last - first) / (len(ends) - 1) for first, last in zip(ends[0], ends[-1]))
-                wall[k].append(w); cpu[k].append(c)
+    from common import distributed_rounds, report
+    wall, cpu = distributed_rounds({'plain': plain_fsdp, 'learner': learner}, args.rounds, args.epochs, args.width)
     if dist.get_rank() == 0:
         print(f'part 1: torch {torch.__version__}, torchrun, 2 processes, gloo, one thread each; MLP 32->{args.width}->'
               f'{args.width}->10 sharded, 12.8k + 3.2k samples, batch 32 per process; {args.rounds} interleaved rounds, '
