@@ -13,6 +13,7 @@ statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Produ
 py_versions = '3.9 3.10 3.11 3.12 3.13'.split()
 min_python = cfg['min_python']
 license_name, license_classifier = licenses[cfg['license']]
+trackers = {name: cfg[f'{name}_requirements'].split() for name in ('mlflow', 'wandb')}   # the optional extras
 
 setuptools.setup(
     name=cfg['lib_name'],
@@ -36,7 +37,7 @@ setuptools.setup(
     include_package_data=True,
     python_requires='>=' + min_python,
     install_requires=cfg['requirements'].split(),
-    extras_require={'dev': cfg['dev_requirements'].split()},
+    extras_require={'dev': cfg['dev_requirements'].split() + trackers['mlflow'] + trackers['wandb'], **trackers},
     entry_points={'nbdev': ['nbloop=nbloop._modidx:d']},
     zip_safe=False,
 )

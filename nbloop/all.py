@@ -29,12 +29,13 @@ from .training import *
 from .checkpoint import *
 from .plots import *
 from .loggers import *
+from .trackers import *
 from . import checkpoint as _checkpoint, ckpt_format as _ckpt_format, core as _core, data as _data
 from . import distributed as _distributed, recorder as _recorder
 from . import launch as _launch, learner as _learner, loggers as _loggers, metrics as _metrics, plots as _plots
 from . import progress as _progress, runtime as _runtime, schedule as _schedule, state as _state, training as _training
-from . import ckpt_sharded as _ckpt_sharded, sharded as _sharded, state_tree as _state_tree
+from . import ckpt_sharded as _ckpt_sharded, sharded as _sharded, state_tree as _state_tree, trackers as _trackers
 
 __all__ = ['torch', 'nn', 'F'] + [n for m in (_core, _state, _data, _state_tree, _ckpt_format, _ckpt_sharded, _runtime, _distributed, _sharded, _launch, _metrics, _recorder, _progress,
-                                              _schedule, _learner, _training, _checkpoint, _plots, _loggers)
+                                              _schedule, _learner, _training, _checkpoint, _plots, _loggers, _trackers)
                                   for n in m.__all__]

@@ -96,6 +96,7 @@ class CheckpointCallback(MonitorCallback):
         self.dir, self.every_n_epochs, self.every_n_steps, self.keep_last = Path(dir), every_n_epochs, every_n_steps, keep_last
         self.save_best, self.save_on_interrupt, self.async_save = save_best, save_on_interrupt, bool(async_save)
         self.last_path, self.run, self.writer, self.blocked = None, None, None, []   # blocked: s the training waited per save
+        self.completed: list = []      # functions fn(path, callback_states), called once a checkpoint is complete
 
     def checkpoint_folder(self,
                           learn: Learner,  # The learner whose `path` a relative `dir` is under
@@ -178,12 +179,21 @@ def save(self: CheckpointCallback,
     one calls it, and rank 0 writes (the others get None). With `async_save` it returns once the state is a
     snapshot, and the file is written in the background; `blocked` notes how long each call took."""
     name, clock = checkpoint_name(learn.state.position(), learn.train_iter, self.run), time.perf_counter()
-    done = (lambda p: (self._rotate(p), self._link_best(p))) if best else self._rotate
-    path = learn.runtime.save(self.checkpoint_folder(learn) / name, learn.state_dict(), metadata={'run': self.run},
+    state = learn.state_dict()
+    done = lambda p: self._complete(p, best, state['callbacks'])
+    path = learn.runtime.save(self.checkpoint_folder(learn) / name, state, metadata={'run': self.run},
                               writer=self.writer, then=done)
     self.blocked.append(time.perf_counter() - clock)
     if path is not None: self.last_path = path
     return path
+
+@patch
+def _complete(self: CheckpointCallback, path: Path, best: bool, callbacks: dict) -> None:
+    """Once `path` is complete (in the thread that wrote it): rotation, the best link, then each function in
+    `completed` gets the path and the callback states the checkpoint holds (a tracker sends what it covers)."""
+    self._rotate(path)
+    if best: self._link_best(path)
+    for fn in list(self.completed): fn(path, callbacks)
 
 @patch
 def _rotate(self: CheckpointCallback, path: Path) -> None:

@@ -10,6 +10,8 @@ seeded differently (--seed-per-rank). A CheckpointCallback writes every few step
   --out FILE            rank 0 saves (torch.save) the plain model state, the history (without 'time'), the
                         predictions and targets of get_preds, validate()'s values and what the run observed
   --trace DIR           every rank appends the dataset indices of each training batch it ran to DIR/trace-rank<r>
+  --mlflow URI          an MLflowLogger to that tracking server or store (experiment --experiment)
+  --wandb DIR           a WandbLogger, offline, writing under DIR
   --audit DIR           every rank lists the files it opened for writing, renamed or linked under --root in
                         DIR/writes-rank<r>-<pid> at exit
 """
@@ -133,6 +135,9 @@ def main(argv=None) -> dict | None:
     ap.add_argument('--clip', type=float, default=None, help='GradientClip(max_norm)')
     ap.add_argument('--early-stop', action='store_true', help='EarlyStopping(patience=1, restore_best=True)')
     ap.add_argument('--no-pickle', action='store_true', help='pickle.load(s) and torch.load raise (a checkpoint never needs them)')
+    ap.add_argument('--mlflow', default=None, help='MLflowLogger(tracking_uri=...)')
+    ap.add_argument('--wandb', type=Path, default=None, help="WandbLogger(mode='offline', dir=...)")
+    ap.add_argument('--experiment', default='nbloop', help='the MLflow experiment or W&B project')
     ap.add_argument('--slow-writer', type=float, default=0., help='each shard file write sleeps this long first (fsdp)')
     args = ap.parse_args(argv)
     if args.audit: audit(args.root, args.audit)
@@ -176,6 +181,13 @@ def main(argv=None) -> dict | None:
     if args.nan_at:
         r, step = args.nan_at.split(':')
         cbs += [NaNLoss(int(r), int(step)), TerminateOnNaN()]
+    if args.mlflow:
+        from nbloop.trackers import MLflowLogger
+        cbs.append(MLflowLogger(args.mlflow, experiment=args.experiment, params={'job': 'ddp_job'}))
+    if args.wandb:
+        from nbloop.trackers import WandbLogger
+        cbs.append(WandbLogger(args.experiment, mode='offline', dir=args.wandb, params={'job': 'ddp_job'},
+                               init_kwargs={'settings': {'console': 'off', 'silent': True}}))
     if args.trace:
         args.trace.mkdir(parents=True, exist_ok=True)
         cbs.append(Trace(args.trace))
@@ -205,7 +217,7 @@ def main(argv=None) -> dict | None:
               'preds': preds, 'targs': targs, 'validate': values, 'world_size': learn.runtime.world_size,
               'ddp': type(learn.model).__name__, 'allreduces': allreduces[0], 'train_iter': learn.train_iter,
               'scale': None if scaler is None else scaler.get_scale(), 'resumed_from': str(learn.resumed_from),
-              'suggestion': suggestion}
+              'suggestion': suggestion, 'tracker_run': next((cb.run_id for cb in learn.cbs if hasattr(cb, 'run_id')), None)}
     # every rank's weights, to check that they stay identical
     result['weights_by_rank'] = learn.runtime.gather(torch.cat([full(p).flatten() for p in learn.model.parameters()]))
     result['local_numel'] = learn.runtime.gather(sum(local(p).numel() for p in learn.model.parameters()))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ['core', 'state', 'data', 'state_tree', 'ckpt_format', 'ckpt_sharded', 'launch', 'runtime', 'distributed', 'sharded', 'metrics', 'recorder', 'progress', 'schedule', 'learner',
-          'training', 'checkpoint', 'plots', 'loggers', 'all', 'demo']
+          'training', 'checkpoint', 'plots', 'loggers', 'trackers', 'all', 'demo']
 DISTRIBUTION = {'distributed', 'world_size', 'rank', 'is_main', 'is_main_process', 'get_rank', 'get_world_size',
                 'local_rank', 'main_process', 'runs_here'}
 DISTRIBUTION_HOMES = {'runtime', 'distributed', 'sharded', 'data', 'launch'}
