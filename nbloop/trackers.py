@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+import warnings
 from .checkpoint import CheckpointCallback
 from .core import Callback, check_state, patch
 from .learner import Learner
@@ -43,7 +43,7 @@ class Tracker(Callback):
         raise NotImplementedError(f'{type(self).__name__} must define start_run')
 
     def log_metrics(self, points: list[tuple[int, str, float]]) -> None:
-        "Send `(step, name, value)` points in the order they were made (within a name, steps only go up)."
+        "Send `(step, name, value)` points, in step order (and within a step, in the order they were made)."
         raise NotImplementedError(f'{type(self).__name__} must define log_metrics')
 
     def log_artifact(self, path: Path) -> None:
@@ -58,6 +58,7 @@ class Tracker(Callback):
         self._made = self._sent = self._covered = 0        # points made, sent, and held by a complete checkpoint
         self._seals, self._token, self._count = {}, os.urandom(4).hex(), itertools.count(1)
         self._thread, self._last, self.path = threading.current_thread(), time.monotonic(), learn.path
+        self._outer, self._failing = sys.exc_info()[1], False    # (an error being handled around the fit is not its own)
         self._params, self._ck = {**_hparams(learn), **self.params}, learn.get_cb(CheckpointCallback)
         if self._ck is not None: self._ck.completed.append(self._checkpointed)
         learn.recorder.listeners.append(self._batches)     # the training batches, as the Recorder flushes them
@@ -96,7 +97,7 @@ class Tracker(Callback):
 
     def after_fit(self, learn: Learner):
         error = sys.exc_info()[1]                       # (after_fit runs inside the handler of what stopped the fit)
-        if self._lock is not None: learn.defer(lambda: self._close(learn, error))
+        if self._lock is not None: learn.defer(lambda: self._close(learn, None if error is self._outer else error))
 
 # %% ../nbs/13a_trackers.ipynb #8c688266
 @patch
@@ -105,10 +106,12 @@ def _start(self: Tracker) -> None:
     self.run_id = self.start_run(self._resume_id, self._params, tags)
 
 @patch
-def _add(self: Tracker, points: list[tuple]) -> None:
+def _add(self: Tracker, points: list[tuple], complete: bool = True) -> None:
+    "Keep `points`; `complete`: the Recorder's hand-over is over, and what it gave may go."
     with self._lock:
         self._points.extend(points)
         self._made += len(points)
+    if not complete: return
     if self._ck is not None: self._send(self._covered)      # (what a background write completed since)
     elif time.monotonic() - self._last >= self.period: self._send(self._made)
 
@@ -120,18 +123,27 @@ def _batches(self: Tracker, rows: list[tuple]) -> None:
 @patch
 def _logged(self: Tracker, points: list[tuple]) -> None:
     "What `learn.log` gave in training batches: `(epoch, batch, step, name, value)` points."
-    self._add([(step, name, value) for _, _, step, name, value in points])
+    self._add([(step, name, value) for _, _, step, name, value in points], complete=False)   # (the batches come next)
 
 @patch
 def _send(self: Tracker, upto: int) -> None:
-    "Send the points made before the `upto`-th, in order (the training thread only)."
+    """Send the points made before the `upto`-th, in step order (the training thread only). If the tracker fails, a
+    warning says so once, training goes on, and the points are sent again at the next chance."""
     with self._lock:
         n = max(0, upto - self._sent)
         points, self._points, self._sent = self._points[:n], self._points[n:], self._sent + n
-    if points:
+    self._last = time.monotonic()
+    if not points: return
+    points.sort(key=lambda p: p[0])                      # (stable: within a step, in the order they were made)
+    try:
         if self.run_id is None: self._start()
         self.log_metrics(points)
-    self._last = time.monotonic()
+        self._failing = False
+    except Exception as e:
+        with self._lock: self._points[:0], self._sent = points, self._sent - len(points)
+        if not self._failing: warnings.warn(f'{type(self).__name__} could not send {len(points)} values ({type(e).__name__}: '
+                                            f'{e}); training goes on, and they are sent again at the next chance')
+        self._failing = True
 
 @patch
 def _checkpointed(self: Tracker, path: Path, callbacks: dict) -> None:
@@ -149,6 +161,7 @@ def _close(self: Tracker, learn: Learner, error: BaseException | None) -> None:
         learn.recorder.flush()
         ended = error is None and not learn.interrupted
         self._send(self._made if ended or self._ck is None else self._covered)
+        if self._failing: warnings.warn(f'{type(self).__name__}: {len(self._points)} values never reached the tracker')
         if self.run_id is None: return                                # nothing was ever sent
         if self.log_checkpoint and self._ck is not None:
             best = self._ck.checkpoint_folder(learn) / 'best.safetensors'
@@ -242,7 +255,7 @@ class WandbLogger(Tracker):
         return self.run.id
 
     def log_metrics(self, points: list[tuple[int, str, float]]) -> None:
-        for step, group in itertools.groupby(points, key=lambda p: p[0]):    # (consecutive points of one step)
+        for step, group in itertools.groupby(points, key=lambda p: p[0]):    # (points come in step order)
             self.run.log({name: float(value) for _, name, value in group}, step=int(step))
 
     def log_artifact(self, path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import env_for_subprocess
+from conftest import env_for_subprocess, run
 from test_ddp import ok, result, single, torchrun
 
 mlflow = pytest.importorskip('mlflow', reason='the mlflow extra (make test installs it)')
@@ -167,3 +167,18 @@ def test_wandb_offline_after_sigterm_and_resume_holds_the_uninterrupted_run(tmp_
     ref = result(tmp_path / 'ref.pt')
     assert [r['valid_loss'] for r in rows if 'valid_loss' in r] == [row['valid_loss'] for row in ref['history']]
     assert configs[0]['job'] == 'ddp_job' and configs[0] == ref_configs[0]    # the params, logged once, at the start
+
+
+def test_wandb_offline_stores_the_best_checkpoint(tmp_path):
+    "log_checkpoint=True: the run file holds a model artifact of best.safetensors, of the file's size."
+    pytest.importorskip('wandb', reason='the wandb extra (make test installs it)')
+    code = ('from nbloop.learner import synth_learner\nfrom nbloop.checkpoint import CheckpointCallback\n'
+            'from nbloop.trackers import WandbLogger\n'
+            f'learn = synth_learner(n_classes=3, path={str(tmp_path)!r}, cbs=[CheckpointCallback(), WandbLogger(mode="offline", '
+            'log_checkpoint=True, init_kwargs={"settings": {"console": "off", "silent": True}})])\n'
+            'with learn.no_bar(): learn.fit(2)\n')
+    ok(run([sys.executable, '-c', code], timeout=120))
+    (file,) = tmp_path.glob('wandb/offline-run-*/run-*.wandb')
+    artifacts = [r.artifact for r in wandb_records(file) if r.WhichOneof('record_type') == 'artifact']
+    assert [(a.type, [(m.path, m.size) for m in a.manifest.contents]) for a in artifacts] == [
+        ('model', [('best.safetensors', (tmp_path / 'checkpoints' / 'best.safetensors').stat().st_size)])]
