@@ -2,7 +2,7 @@
 
 The build executes every notebook (the tutorials and the index in a Jupyter kernel, as a reader runs them; the
 library notebooks as `nbdev_test` runs them) and fails on any error, so building is itself the test that every
-page's code runs. It is built once for this module; the checks below read `_docs/`, `_proc/` and `_build/`.
+page's code runs (`test_notebook_runs`, one test per notebook; each runs once in the whole suite). It is built once for this module; the checks below read `_docs/`, `_proc/` and `_build/`.
 """
 import html.parser
 import json
@@ -60,6 +60,18 @@ def page_of(nb: Path) -> Path: return SITE / nb.with_suffix('.html')
 
 
 def pages() -> list[Path]: return sorted(SITE.rglob('*.html'))
+
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=[str(p) for p in NOTEBOOKS])
+def test_notebook_runs(build, nb: Path):
+    """Every notebook, run once, by the build: the library notebooks as `nbdev_test` runs them (execnb's shell, in a
+    process of their own, the `tst_flags` cells skipped), the tutorials and the index in a Jupyter kernel. A failing
+    cell stops the build, which names the notebook; here each notebook is a test of its own in pytest's count."""
+    assert str(nb) in build['notebooks'], f'the build did not execute {nb}'
+    ran = nbformat.read(STAGE / nb, as_version=4)
+    if nb in TUTORIALS: assert not docs.error_outputs(ran), docs.error_outputs(ran)   # (library pages may show one)
+    code = [c for c in ran.cells if c.cell_type == 'code' and c.source.strip() and not docs.skipped(c)]
+    assert code and any(c.outputs for c in code), f'{nb}: no cell shows an output: was it run?'
 
 
 def test_every_notebook_has_a_page(build):
