@@ -92,6 +92,21 @@ def distributed_validation(model, valid) -> None:
     if dist.get_rank() == 0: print(f'{float(sums[0] / sums[2]):.4f} {float(sums[1] / sums[2]):.4f}')
 
 
+def distributed_epochs(model, train_ds, valid_ds, epochs: int, ends: list) -> None:
+    """A hand-written loop's fit under torchrun (`model` already wrapped: DDP or FSDP2): SGD lr 0.1, batches of 32
+    from a `DistributedSampler` reshuffled each epoch, `distributed_validation`; `ends` gets (wall, CPU) per epoch."""
+    from torch.utils.data.distributed import DistributedSampler
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_sampler = DistributedSampler(train_ds, shuffle=True, seed=0)
+    train = DataLoader(train_ds, batch_size=32, sampler=train_sampler)
+    valid = DataLoader(valid_ds, batch_size=32, sampler=DistributedSampler(valid_ds, shuffle=False))
+    for epoch in range(epochs):
+        train_sampler.set_epoch(epoch)
+        train_epoch(model, opt, train)
+        distributed_validation(model, valid)
+        ends.append((time.perf_counter(), time.process_time()))
+
+
 def distributed_rounds(contenders: dict, rounds: int, epochs: int, width: int) -> tuple[dict, dict]:
     """In each torchrun process (gloo, one thread): a warm-up round, then `rounds` rounds of every contender
     `f(epochs, train_ds, valid_ds, width, ends)` in alternating order; per-epoch (wall, CPU) seconds from the end

@@ -22,7 +22,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,21 +32,10 @@ HERE = Path(__file__).resolve().parent
 
 def plain_ddp(epochs, train_ds, valid_ds, width, ends):
     "The hand-written DDP loop; `ends` gets (wall, CPU) times at the end of every epoch."
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data.distributed import DistributedSampler
-    from common import distributed_validation, mlp, train_epoch
+    from common import distributed_epochs, mlp
     torch.manual_seed(0)
-    model = DistributedDataParallel(mlp(width))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    train_sampler = DistributedSampler(train_ds, shuffle=True, seed=0)
-    train = DataLoader(train_ds, batch_size=32, sampler=train_sampler)
-    valid = DataLoader(valid_ds, batch_size=32, sampler=DistributedSampler(valid_ds, shuffle=False))
-    for epoch in range(epochs):
-        train_sampler.set_epoch(epoch)
-        train_epoch(model, opt, train)
-        distributed_validation(model, valid)
-        ends.append((time.perf_counter(), time.process_time()))
+    distributed_epochs(DistributedDataParallel(mlp(width)), train_ds, valid_ds, epochs, ends)
 
 
 def learner(epochs, train_ds, valid_ds, width, ends):

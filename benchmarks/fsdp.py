@@ -43,21 +43,12 @@ def plain_fsdp(epochs, train_ds, valid_ds, width, ends):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.utils.data.distributed import DistributedSampler
-    from common import distributed_validation, train_epoch
+    from common import distributed_epochs
     model, mesh = mlp(width), init_device_mesh('cpu', (dist.get_world_size(),))
     for layer in model:
         if isinstance(layer, nn.Linear): fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    train_sampler = DistributedSampler(train_ds, shuffle=True, seed=0)
-    train = DataLoader(train_ds, batch_size=32, sampler=train_sampler)
-    valid = DataLoader(valid_ds, batch_size=32, sampler=DistributedSampler(valid_ds, shuffle=False))
-    for epoch in range(epochs):
-        train_sampler.set_epoch(epoch)
-        train_epoch(model, opt, train)
-        distributed_validation(model, valid)
-        ends.append((time.perf_counter(), time.process_time()))
+    distributed_epochs(model, train_ds, valid_ds, epochs, ends)
 
 
 def learner(epochs, train_ds, valid_ds, width, ends):

@@ -6,7 +6,6 @@ tutorials and the index in a Jupyter kernel; `test_docs.test_notebook_runs` is o
 from conftest import ROOT
 
 ALL = sorted(p for p in (ROOT / 'nbs').rglob('*.ipynb') if '.ipynb_checkpoints' not in p.parts)
-NOTEBOOKS = [p for p in ALL if 'tutorials' not in p.relative_to(ROOT / 'nbs').parts]
 
 
 def test_every_module_has_a_notebook():

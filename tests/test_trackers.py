@@ -74,8 +74,8 @@ def histories(client: MlflowClient, run) -> dict[str, list[tuple[int, float]]]:
 
 def test_mlflow_server_after_sigkill_and_resume_holds_the_uninterrupted_run(server, tmp_path):
     client = MlflowClient(server)
-    ref = result(tmp_path / 'ref.pt') if ok(single(tmp_path / 'ref', '--mlflow', server, '--experiment', 'ref',
-                                                   '--out', tmp_path / 'ref.pt')) else None
+    ok(single(tmp_path / 'ref', '--mlflow', server, '--experiment', 'ref', '--out', tmp_path / 'ref.pt'))
+    ref = result(tmp_path / 'ref.pt')
     killed = single(tmp_path / 'run', '--mlflow', server, '--experiment', 'crash', '--die', '0:10:kill')
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     (at_kill,) = runs_of(client, 'crash')
