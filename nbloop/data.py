@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, TensorDataset, get_worker_info
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler, TensorDataset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 
 from .core import describe, expect, is_index, patch
@@ -210,9 +210,10 @@ class EpochPlan:
             self.seed = int(torch.randint(0, 2**62, ())) if self.dl.num_workers > 0 else None
             return
         # every process draws (so its random generators advance as in one process); rank 0's draw is used by all
-        order = list(self.dl.sampler if bs is None else bs.sampler if self._by_sample else bs)
-        seed = int(torch.randint(0, 2**62, ())) if self.dl.num_workers > 0 else None
-        self.order, self.seed = self._share((order, seed))
+        source = self.dl.sampler if bs is None else bs.sampler if self._by_sample else bs
+        order, seed = list(source), int(torch.randint(0, 2**62, ())) if self.dl.num_workers > 0 else None
+        same = seed is None and type(source) is SequentialSampler     # (validation's, usually) the same everywhere
+        self.order, self.seed = (order, seed) if same else self._share((order, seed))
         self.base, self.resplit = 0, False
         self.batches = self._split(self.base)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import pickle
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,51 @@ def _trainable(model: torch.nn.Module) -> tuple[bool, ...]:
 def _cpu(part: dict) -> dict:
     "A process's part of a checkpoint, its gradients on the CPU (to travel between processes)."
     return {**part, 'grads': {n: g.cpu() for n, g in part['grads'].items()}}
+
+# %% ../nbs/05a_distributed.ipynb #66a85f67
+_FIRST_ROUND = 1 << 16   # bytes a gather (all processes' boxes together) or a broadcast sends in its first round
+
+def _boxed(data: bytes, capacity: int) -> torch.Tensor:
+    "A byte tensor of `8 + capacity` bytes: the length of `data`, then as much of it as fits (zeros after it)."
+    box = bytearray(8 + capacity)
+    box[:8], head = len(data).to_bytes(8, 'little'), data[:capacity]
+    box[8:8 + len(head)] = head
+    return torch.frombuffer(box, dtype=torch.uint8)
+
+def _length(box: torch.Tensor) -> int:
+    "The length of the data a box holds."
+    return int.from_bytes(box[:8].numpy().tobytes(), 'little')
+
+def _unboxed(box: torch.Tensor, capacity: int, rest: torch.Tensor | None) -> Any:
+    "The object a box holds, unpickled (with the `rest` of its data that a second round brought)."
+    n = _length(box)
+    data = box[8:8 + min(n, capacity)].numpy().tobytes()
+    return pickle.loads(data + rest[:n - capacity].numpy().tobytes() if n > capacity else data)
+
+def _gather(obj: Any, world_size: int, group) -> list:
+    """Every process's `obj`, pickled, in one all-gather of fixed-size boxes when they all fit (sums, votes, metric
+    states, a part of a few kB), and a second all-gather for what did not fit: `all_gather_object` always takes two
+    rounds (the sizes, then the data), and on a CPU group each round is a wait of its own."""
+    data, capacity = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), max(1024, _FIRST_ROUND // world_size)
+    boxes = [torch.empty(8 + capacity, dtype=torch.uint8) for _ in range(world_size)]
+    dist.all_gather(boxes, _boxed(data, capacity), group=group)
+    longest = max(map(_length, boxes))
+    rests = [None] * world_size
+    if longest > capacity:                 # every process saw the same lengths: all take the second round
+        rests = [torch.empty(longest - capacity, dtype=torch.uint8) for _ in range(world_size)]
+        dist.all_gather(rests, _boxed(data[capacity:], longest - capacity)[8:], group=group)
+    return [_unboxed(b, capacity, r) for b, r in zip(boxes, rests)]
+
+def _broadcast(obj: Any, rank: int, group) -> Any:
+    "Rank 0's `obj` on every process: one broadcast of a fixed-size box, and a second one for the rest of a longer pickle."
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if rank == 0 else b''
+    box = _boxed(data, _FIRST_ROUND)
+    dist.broadcast(box, src=0, group=group)
+    n, rest = _length(box), None
+    if n > _FIRST_ROUND:
+        rest = _boxed(data[_FIRST_ROUND:], n - _FIRST_ROUND)[8:]
+        dist.broadcast(rest, src=0, group=group)
+    return obj if rank == 0 else _unboxed(box, _FIRST_ROUND, rest)
 
 # %% ../nbs/05a_distributed.ipynb #5098237d
 class DistributedRuntime(Runtime):
@@ -131,18 +177,14 @@ class DistributedRuntime(Runtime):
     def gather(self,
                obj: Any,  # This process's object (picklable)
                ) -> list:
-        "Every process's `obj` (picklable), in rank order, on every process; travels on the CPU group."
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        "Every process's `obj` (picklable), in rank order, on every process; travels on the CPU group (in one round when small)."
+        return _gather(obj, self.world_size, self.group)
 
     def broadcast(self,
                   obj: Any,  # The object to share (picklable); only rank 0's counts
                   ) -> Any:
-        "Rank 0's `obj` (picklable), on every process."
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+        "Rank 0's `obj` (picklable), on every process; travels on the CPU group (in one round when small)."
+        return _broadcast(obj, self.rank, self.group)
 
     vote_interval = 0.25     # seconds of training between two stop votes (their period adapts to the batch time)
     max_period = 1000        # batches
@@ -187,7 +229,7 @@ def final_vote(self: DistributedRuntime,
     if self._vote is not None:
         self._vote[0].wait()
         self._vote = None
-    self._since, self._period, self._clock = 0, 1, time.perf_counter()     # the next phase starts afresh
+    self._since, self._clock = 0, time.perf_counter()     # the next phase counts afresh, at the period last agreed
     flag = torch.tensor([_STOPS.index(local), 1, tally[0], -tally[0], tally[1]], dtype=torch.int64)
     work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
     try: work.wait(datetime.timedelta(seconds=timeout)) if timeout else work.wait()
@@ -210,6 +252,18 @@ def check_stop(self: DistributedRuntime,
     tally = state.cancels, state.cancel_mark(self.rank, self.world_size)
     stop = self.final_vote(local, tally, timeout) if end else self.vote_stop(local, training, tally)
     if stop is not None: self._stop(state, stop)
+
+# %% ../nbs/05a_distributed.ipynb #995e1747
+@patch
+def fitting(self: DistributedRuntime,
+            state,           # The learner's `RunState`
+            cbs: Iterable,   # The fit's callbacks (see `Runtime.fitting`)
+            ) -> contextlib.AbstractContextManager:
+    """`Runtime.fitting`, with the stop votes' period back at one batch: a fit's first votes measure its batches, and
+    the period they agree on then holds from phase to phase (each vote adapts it), so that a phase does not start
+    with two votes in its first two batches."""
+    self._since, self._period, self._clock = 0, 1, time.perf_counter()
+    return Runtime.fitting(self, state, cbs)
 
 # %% ../nbs/05a_distributed.ipynb #c55d3342
 @patch

@@ -188,25 +188,26 @@ def running_values(self: Recorder,
     return vals
 
 # %% ../nbs/06a_recorder.ipynb #c7de3b62
-def _mean_over_processes(learn, sums: tuple[float, int]) -> float:
-    "The mean over every process's samples, from each process's (sum, count)."
-    total, n = learn.runtime.sum_over_processes(*sums)
-    return total / n if n else math.nan
-
-def _log_means(learn, rec: Recorder, training: bool) -> dict[str, float]:
-    "`train_<name>` (or `valid_<name>`) for what `learn.log` gave in the phase's batches: means over every process's samples."
+def _phase_means(learn, rec: Recorder, training: bool,
+                 sums: tuple[float, int],   # This process's (sum of losses, count) for the phase
+                 ) -> tuple[float, dict[str, float]]:
+    """The phase's loss, the mean over every process's samples, and `train_<name>` (or `valid_<name>`) for what
+    `learn.log` gave in its batches, means likewise: both in one gather."""
     rec.flush()
-    sums, rec._log_sums[training] = rec._log_sums[training], {}
+    logged, rec._log_sums[training] = rec._log_sums[training], {}
+    parts = learn.runtime.gather((sums, logged))       # every process's (with one, its own): the names may differ
+    loss, n = map(sum, zip(*(s for s, _ in parts)))
     total: dict = {}
-    for part in learn.runtime.gather(sums):            # every process's (with one, its own): the names may differ
-        for name, (v, n) in part.items(): total[name] = [a + b for a, b in zip(total.get(name, [0., 0]), (v, n))]
-    return {f"{'train' if training else 'valid'}_{name}": v / n if n else math.nan for name, (v, n) in total.items()}
+    for _, part in parts:
+        for name, (v, k) in part.items(): total[name] = [a + b for a, b in zip(total.get(name, [0., 0]), (v, k))]
+    phase = 'train' if training else 'valid'
+    return loss / n if n else math.nan, {f'{phase}_{name}': v / k if k else math.nan for name, (v, k) in total.items()}
 
 @patch
 def after_train(self: Recorder, learn):
     "Start the epoch's row with its training loss (the mean over every process's samples), and the values logged in it."
-    learn.state.row = {'epoch': learn.epoch, 'train_loss': _mean_over_processes(learn, self._train_sums()),
-                       **_log_means(learn, self, True)}
+    loss, logged = _phase_means(learn, self, True, self._train_sums())
+    learn.state.row = {'epoch': learn.epoch, 'train_loss': loss, **logged}
     self._epoch_start, self._sizes = len(self._losses), []
 
 # %% ../nbs/06a_recorder.ipynb #7f205675
@@ -222,7 +223,8 @@ def before_validate(self: Recorder, learn):
 @patch
 def after_validate(self: Recorder, learn):
     "The validation loss and every metric (each synced over the processes first): `values`."
-    values = {'valid_loss': _mean_over_processes(learn, self._valid_sums())}
+    loss, logged = _phase_means(learn, self, False, self._valid_sums())
+    values = {'valid_loss': loss}
     for m in self.metrics:
         try:
             learn.runtime.sync_metric(m)
@@ -231,7 +233,7 @@ def after_validate(self: Recorder, learn):
         except Exception as e:
             raise MetricError(f"metric '{m.name}' raised {type(e).__name__} when computing its value at the end "
                               f"of validation (after_validate): {e}") from e
-    self.values = {**values, **_log_means(learn, self, False)}
+    self.values = {**values, **logged}
     self._valid, self._valid_sizes = [], []
 
 # %% ../nbs/06a_recorder.ipynb #53019273
