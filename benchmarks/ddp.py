@@ -15,13 +15,22 @@ epoch from the end of the first epoch to the end of the last (the fit's start an
 warm-up, left out). Rank 0's figures are printed: medians and quartiles of ms per epoch, and the median of the
 per-round ratios.
 
-Usage: python benchmarks/ddp.py [--rounds 9] [--epochs 4] [--width 64]   (starts torchrun itself)
+  --parts    also times the Learner without metrics, and without callbacks or metrics (bare), and prints the
+             Learner's extra time split into the loop itself, its callbacks and its metric; then, in one more fit of
+             each, where an epoch goes: the hand-written loop's data, forward and loss, backward (DDP's all-reduce
+             included), step and validation, and the time the Learner spends in its CPU group's collectives (the
+             stop votes, the final votes at each phase's end, the gathers of sums and metric states, the
+             broadcasts of the epoch's order)
+
+Usage: python benchmarks/ddp.py [--rounds 15] [--epochs 4] [--width 64] [--parts]   (starts torchrun itself)
 Goal: learner/plain <= 1.05.
 """
 import argparse
+import collections
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,47 +47,136 @@ def plain_ddp(epochs, train_ds, valid_ds, width, ends):
     distributed_epochs(DistributedDataParallel(mlp(width)), train_ds, valid_ds, epochs, ends)
 
 
-def learner(epochs, train_ds, valid_ds, width, ends):
-    "The same job with a Learner; `ends` gets (wall, CPU) times at the end of every epoch."
+def learner(epochs, train_ds, valid_ds, width, ends, metrics=True, bare=False):
+    """The same job with a Learner; `ends` gets (wall, CPU) times at the end of every epoch. `bare`: without its
+    default callbacks (the Recorder and progress), so that only the loop itself runs."""
     from nbloop.learner import Learner
     from nbloop.metrics import accuracy
+    from nbloop.progress import ProgressCallback
+    from nbloop.recorder import Recorder
     from common import mlp
     from overhead import EpochEnds
     torch.manual_seed(0)
     train = DataLoader(train_ds, batch_size=32, shuffle=True)
     valid = DataLoader(valid_ds, batch_size=32)
-    learn = Learner(mlp(width), train, valid, opt_func=torch.optim.SGD, lr=0.1, metrics=[accuracy], device='cpu',
-                    cbs=[EpochEnds(ends)])
-    learn.fit(epochs)
+    learn = Learner(mlp(width), train, valid, opt_func=torch.optim.SGD, lr=0.1, metrics=[accuracy] if metrics else [],
+                    device='cpu', cbs=[EpochEnds(ends)])
+    with learn.removed_cbs([Recorder, ProgressCallback] if bare else []): learn.fit(epochs)
+
+
+def plain_parts(epochs, train_ds, valid_ds, width) -> dict:
+    """The hand-written DDP loop once more, its parts timed: ms per epoch of data, forward and loss, backward (with
+    DDP's all-reduce), step (with zero_grad) and validation (with its all-reduce), over epochs 2 to `epochs`."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data.distributed import DistributedSampler
+    from common import distributed_validation, mlp
+    torch.manual_seed(0)
+    model = DistributedDataParallel(mlp(width))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = DistributedSampler(train_ds, shuffle=True, seed=0)
+    train = DataLoader(train_ds, batch_size=32, sampler=sampler)
+    valid = DataLoader(valid_ds, batch_size=32, sampler=DistributedSampler(valid_ds, shuffle=False))
+    spent = collections.Counter()
+    for epoch in range(epochs):
+        if epoch == 1: spent.clear()                    # the first epoch warms up
+        sampler.set_epoch(epoch)
+        model.train()
+        batches, t = iter(train), time.perf_counter()
+        for xb, yb in batches:
+            t1 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            t2 = time.perf_counter()
+            loss.backward()
+            t3 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t4 = time.perf_counter()
+            spent['data'] += t1 - t; spent['forward+loss'] += t2 - t1; spent['backward'] += t3 - t2; spent['step'] += t4 - t3
+            t = time.perf_counter()
+        spent['data'] += time.perf_counter() - t        # the end of the epoch's batches
+        t = time.perf_counter()
+        distributed_validation(model, valid)
+        spent['validation'] += time.perf_counter() - t
+    dist.barrier()
+    return {k: v / (epochs - 1) * 1000 for k, v in spent.items()}
+
+
+def learner_collectives(epochs, train_ds, valid_ds, width) -> dict:
+    """A Learner fit once more, with the time it spends in its CPU group's collectives: `{kind: (ms, calls)}` per
+    epoch over epochs 2 to `epochs`. `vote_stop` runs after every training batch and sends a vote about every 0.25 s."""
+    from nbloop.core import Callback
+    from nbloop.distributed import DistributedRuntime
+    spent = collections.defaultdict(lambda: [0., 0])
+    class Warm(Callback):
+        def after_epoch(self, learn):
+            if learn.epoch == 0: spent.clear()          # the first epoch warms up
+    originals = {n: getattr(DistributedRuntime, n) for n in ('vote_stop', 'final_vote', 'gather', 'broadcast')}
+    def timed(f, name):
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            try: return f(*args, **kwargs)
+            finally: spent[name][0] += time.perf_counter() - t; spent[name][1] += 1
+        return run
+    for name, f in originals.items(): setattr(DistributedRuntime, name, timed(f, name))
+    try:
+        from nbloop.learner import Learner
+        from nbloop.metrics import accuracy
+        from common import mlp
+        torch.manual_seed(0)
+        learn = Learner(mlp(width), DataLoader(train_ds, batch_size=32, shuffle=True), DataLoader(valid_ds, batch_size=32),
+                        opt_func=torch.optim.SGD, lr=0.1, metrics=[accuracy], device='cpu', cbs=[Warm()])
+        learn.fit(epochs)
+    finally:
+        for name, f in originals.items(): setattr(DistributedRuntime, name, f)
+    return {k: (ms * 1000 / (epochs - 1), n / (epochs - 1)) for k, (ms, n) in spent.items()}
 
 
 def worker(args):
     "In each torchrun process: the rounds; rank 0 reports."
     sys.path.insert(0, str(HERE))
     import torch.distributed as dist
-    from common import distributed_rounds, report
-    wall, cpu = distributed_rounds({'plain': plain_ddp, 'learner': learner}, args.rounds, args.epochs, args.width)
+    import io
+    from contextlib import redirect_stdout
+    from common import distributed_datasets, distributed_rounds, report
+    from overhead import report_parts
+    contenders = {'plain': plain_ddp, 'learner': learner}
+    if args.parts:
+        contenders['nometrics'] = lambda *a: learner(*a, metrics=False)
+        contenders['bare'] = lambda *a: learner(*a, metrics=False, bare=True)
+    wall, cpu = distributed_rounds(contenders, args.rounds, args.epochs, args.width)
+    if args.parts:
+        with redirect_stdout(io.StringIO()):
+            plain = plain_parts(args.epochs, *distributed_datasets(), args.width)
+            side = learner_collectives(args.epochs, *distributed_datasets(), args.width)
     if dist.get_rank() == 0:
         print(f'torch {torch.__version__}, torchrun, 2 processes, gloo, one thread each; MLP 32->{args.width}->10, '
               f'12.8k + 3.2k samples, batch 32 per process; {args.rounds} interleaved rounds, rank 0, ms per epoch '
               f'(epochs 2..{args.epochs} of each fit):')
         report(wall, cpu, [('learner', 'plain', '<= 1.05')])
+        if args.parts:
+            report_parts(wall, 'plain')
+            print('where an epoch goes, in one more fit of each (rank 0, ms per epoch):')
+            print('  the hand-written loop: ' + ', '.join(f'{k} {v:.1f}' for k, v in plain.items()))
+            print('  the Learner, in its CPU group\'s collectives: ' + ', '.join(
+                f'{k} {ms:.1f} ({n:.0f} calls)' for k, (ms, n) in side.items()) + f'; in all {sum(ms for ms, _ in side.values()):.1f}')
     from nbloop.launch import destroy_distributed
     destroy_distributed()     # nbloop's way out: its CPU group forgotten, gloo's threads given time to finish
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--rounds', type=int, default=9)
+    ap.add_argument('--rounds', type=int, default=15)
     ap.add_argument('--epochs', type=int, default=4)
     ap.add_argument('--width', type=int, default=64, help='hidden width of the MLP (64: the job; 512: real work dominates)')
+    ap.add_argument('--parts', action='store_true', help='also time the parts of the difference (see above)')
     ap.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.epochs < 2: ap.error('--epochs must be at least 2 (the first epoch is the warm-up)')
     if args.rounds < 2: ap.error('--rounds must be at least 2 (quartiles need two)')
     if args.worker: return worker(args)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(Path(__file__).resolve()),
-           '--worker', '--rounds', str(args.rounds), '--epochs', str(args.epochs), '--width', str(args.width)]
+           '--worker', '--rounds', str(args.rounds), '--epochs', str(args.epochs), '--width', str(args.width)] + (['--parts'] if args.parts else [])
     sys.exit(subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS='1')).returncode)
 
 

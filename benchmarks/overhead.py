@@ -141,17 +141,19 @@ def main():
     if args.parts: report_parts(wall)
 
 
-def report_parts(wall: dict) -> None:
+def report_parts(wall: dict, base: str = 'plain_nohits') -> None:
     """The Learner's extra time per epoch, part by part: medians over the rounds of differences measured in the same
     round. Forward, loss, backward, step and data are the same calls in both loops, so what differs is:
-    the loop itself (the bare Learner, without callbacks or metrics, against the loop without its hits line),
-    the callbacks (the Recorder and progress: the Learner without metrics against the bare one), and the metric
-    (accuracy in the Learner against the hits line of the hand-written loop)."""
+    the loop itself (the bare Learner, without callbacks or metrics, against the hand-written loop `base`: without
+    its hits line here; ddp.py's, whose validation sums its hits with its loss, has no such line), the callbacks
+    (the Recorder and progress: the Learner without metrics against the bare one), and the metric (accuracy in
+    the Learner against the hits line of the hand-written loop)."""
     med = lambda f: statistics.median(f(r) for r in range(len(wall['plain']))) * 1000
     plain = med(lambda r: wall['plain'][r])
-    parts = [('loop', lambda r: wall['bare'][r] - wall['plain_nohits'][r]),
+    hits = lambda r: wall['plain'][r] - wall[base][r]
+    parts = [('loop', lambda r: wall['bare'][r] - wall[base][r]),
              ('callbacks', lambda r: wall['nometrics'][r] - wall['bare'][r]),
-             ('metrics', lambda r: (wall['learner'][r] - wall['nometrics'][r]) - (wall['plain'][r] - wall['plain_nohits'][r])),
+             ('metrics', lambda r: wall['learner'][r] - wall['nometrics'][r] - hits(r)),
              ('total', lambda r: wall['learner'][r] - wall['plain'][r])]
     print(f'the Learner\'s extra time per epoch, by part (medians of per-round differences; plain: {plain:.1f} ms):')
     for name, f in parts: print(f'{name:>10}: {med(f):+6.2f} ms  ({med(f) / plain * 100:+.1f}% of plain)')
