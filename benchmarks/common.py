@@ -107,14 +107,18 @@ def distributed_epochs(model, train_ds, valid_ds, epochs: int, ends: list) -> No
         ends.append((time.perf_counter(), time.process_time()))
 
 
-def distributed_rounds(contenders: dict, rounds: int, epochs: int, width: int) -> tuple[dict, dict]:
+def distributed_rounds(contenders: dict, rounds: int, epochs: int, width: int, pin: bool = False) -> tuple[dict, dict]:
     """In each torchrun process (gloo, one thread): a warm-up round, then `rounds` rounds of every contender
     `f(epochs, train_ds, valid_ds, width, ends)` in alternating order; per-epoch (wall, CPU) seconds from the end
-    of the first epoch to the end of the last, as `({name: [wall s]}, {name: [CPU s]})`."""
+    of the first epoch to the end of the last, as `({name: [wall s]}, {name: [CPU s]})`. `pin`: each process and
+    its gloo threads on one core of their own (rank `r` on core `r`), for both contenders alike: every epoch is
+    slower, but where the scheduler puts the threads stops deciding the ratio."""
     import io
+    import os
     from contextlib import redirect_stdout
     import torch.distributed as dist
     torch.set_num_threads(1)
+    if pin: os.sched_setaffinity(0, {int(os.environ['RANK']) % os.cpu_count()})   # (threads made later inherit it)
     dist.init_process_group('gloo')
     train_ds, valid_ds = distributed_datasets()
     wall, cpu = {k: [] for k in contenders}, {k: [] for k in contenders}

@@ -22,7 +22,11 @@ per-round ratios.
              stop votes, the final votes at each phase's end, the gathers of sums and metric states, the
              broadcasts of the epoch's order)
 
-Usage: python benchmarks/ddp.py [--rounds 15] [--epochs 4] [--width 64] [--parts]   (starts torchrun itself)
+  --pin      each process and its gloo threads on a core of their own (both contenders alike): slower epochs,
+             but far less noise from where the scheduler puts the threads (the hand-written loop against itself:
+             1.00 and 1.01 pinned, 1.05 and 1.13 not)
+
+Usage: python benchmarks/ddp.py [--rounds 15] [--epochs 4] [--width 64] [--parts] [--pin]   (starts torchrun itself)
 Goal: learner/plain <= 1.05.
 """
 import argparse
@@ -144,13 +148,13 @@ def worker(args):
     if args.parts:
         contenders['nometrics'] = lambda *a: learner(*a, metrics=False)
         contenders['bare'] = lambda *a: learner(*a, metrics=False, bare=True)
-    wall, cpu = distributed_rounds(contenders, args.rounds, args.epochs, args.width)
+    wall, cpu = distributed_rounds(contenders, args.rounds, args.epochs, args.width, args.pin)
     if args.parts:
         with redirect_stdout(io.StringIO()):
             plain = plain_parts(args.epochs, *distributed_datasets(), args.width)
             side = learner_collectives(args.epochs, *distributed_datasets(), args.width)
     if dist.get_rank() == 0:
-        print(f'torch {torch.__version__}, torchrun, 2 processes, gloo, one thread each; MLP 32->{args.width}->10, '
+        print(f'torch {torch.__version__}, torchrun, 2 processes, gloo, one thread each{", pinned" if args.pin else ""}; MLP 32->{args.width}->10, '
               f'12.8k + 3.2k samples, batch 32 per process; {args.rounds} interleaved rounds, rank 0, ms per epoch '
               f'(epochs 2..{args.epochs} of each fit):')
         report(wall, cpu, [('learner', 'plain', '<= 1.05')])
@@ -170,13 +174,14 @@ def main():
     ap.add_argument('--epochs', type=int, default=4)
     ap.add_argument('--width', type=int, default=64, help='hidden width of the MLP (64: the job; 512: real work dominates)')
     ap.add_argument('--parts', action='store_true', help='also time the parts of the difference (see above)')
+    ap.add_argument('--pin', action='store_true', help='each process on a core of its own (less noise, slower epochs)')
     ap.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.epochs < 2: ap.error('--epochs must be at least 2 (the first epoch is the warm-up)')
     if args.rounds < 2: ap.error('--rounds must be at least 2 (quartiles need two)')
     if args.worker: return worker(args)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(Path(__file__).resolve()),
-           '--worker', '--rounds', str(args.rounds), '--epochs', str(args.epochs), '--width', str(args.width)] + (['--parts'] if args.parts else [])
+           '--worker', '--rounds', str(args.rounds), '--epochs', str(args.epochs), '--width', str(args.width)] + (['--parts'] if args.parts else []) + (['--pin'] if args.pin else [])
     sys.exit(subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS='1')).returncode)
 
 
