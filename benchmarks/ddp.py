@@ -51,9 +51,9 @@ def plain_ddp(epochs, train_ds, valid_ds, width, ends):
     distributed_epochs(DistributedDataParallel(mlp(width)), train_ds, valid_ds, epochs, ends)
 
 
-def learner(epochs, train_ds, valid_ds, width, ends, metrics=True, bare=False):
+def learner(epochs, train_ds, valid_ds, width, ends, metrics=True, bare=False, cbs=()):
     """The same job with a Learner; `ends` gets (wall, CPU) times at the end of every epoch. `bare`: without its
-    default callbacks (the Recorder and progress), so that only the loop itself runs."""
+    default callbacks (the Recorder and progress), so that only the loop itself runs; `cbs`: more callbacks."""
     from nbloop.learner import Learner
     from nbloop.metrics import accuracy
     from nbloop.progress import ProgressCallback
@@ -64,7 +64,7 @@ def learner(epochs, train_ds, valid_ds, width, ends, metrics=True, bare=False):
     train = DataLoader(train_ds, batch_size=32, shuffle=True)
     valid = DataLoader(valid_ds, batch_size=32)
     learn = Learner(mlp(width), train, valid, opt_func=torch.optim.SGD, lr=0.1, metrics=[accuracy] if metrics else [],
-                    device='cpu', cbs=[EpochEnds(ends)])
+                    device='cpu', cbs=[EpochEnds(ends), *cbs])
     with learn.removed_cbs([Recorder, ProgressCallback] if bare else []): learn.fit(epochs)
 
 
@@ -113,8 +113,8 @@ def learner_collectives(epochs, train_ds, valid_ds, width) -> dict:
     from nbloop.distributed import DistributedRuntime
     spent = collections.defaultdict(lambda: [0., 0])
     class Warm(Callback):
-        def after_epoch(self, learn):
-            if learn.epoch == 0: spent.clear()          # the first epoch warms up
+        def before_epoch(self, learn):
+            if learn.epoch == 1: spent.clear()          # the first epoch (and its end's vote) warms up
     originals = {n: getattr(DistributedRuntime, n) for n in ('vote_stop', 'final_vote', 'gather', 'broadcast')}
     def timed(f, name):
         def run(*args, **kwargs):
@@ -123,14 +123,7 @@ def learner_collectives(epochs, train_ds, valid_ds, width) -> dict:
             finally: spent[name][0] += time.perf_counter() - t; spent[name][1] += 1
         return run
     for name, f in originals.items(): setattr(DistributedRuntime, name, timed(f, name))
-    try:
-        from nbloop.learner import Learner
-        from nbloop.metrics import accuracy
-        from common import mlp
-        torch.manual_seed(0)
-        learn = Learner(mlp(width), DataLoader(train_ds, batch_size=32, shuffle=True), DataLoader(valid_ds, batch_size=32),
-                        opt_func=torch.optim.SGD, lr=0.1, metrics=[accuracy], device='cpu', cbs=[Warm()])
-        learn.fit(epochs)
+    try: learner(epochs, train_ds, valid_ds, width, [], cbs=[Warm()])
     finally:
         for name, f in originals.items(): setattr(DistributedRuntime, name, f)
     return {k: (ms * 1000 / (epochs - 1), n / (epochs - 1)) for k, (ms, n) in spent.items()}

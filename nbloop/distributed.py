@@ -48,12 +48,15 @@ def _cpu(part: dict) -> dict:
 # %% ../nbs/05a_distributed.ipynb #66a85f67
 _FIRST_ROUND = 1 << 16   # bytes a gather (all processes' boxes together) or a broadcast sends in its first round
 
+def _padded(data: bytes, size: int) -> torch.Tensor:
+    "A byte tensor of `size` bytes: `data` (at most `size` bytes of it), then zeros."
+    out = bytearray(size)
+    out[:min(len(data), size)] = data[:size]
+    return torch.frombuffer(out, dtype=torch.uint8)
+
 def _boxed(data: bytes, capacity: int) -> torch.Tensor:
-    "A byte tensor of `8 + capacity` bytes: the length of `data`, then as much of it as fits (zeros after it)."
-    box = bytearray(8 + capacity)
-    box[:8], head = len(data).to_bytes(8, 'little'), data[:capacity]
-    box[8:8 + len(head)] = head
-    return torch.frombuffer(box, dtype=torch.uint8)
+    "A box of `8 + capacity` bytes: the length of `data`, then as much of it as fits."
+    return _padded(len(data).to_bytes(8, 'little') + data[:capacity], 8 + capacity)
 
 def _length(box: torch.Tensor) -> int:
     "The length of the data a box holds."
@@ -76,7 +79,7 @@ def _gather(obj: Any, world_size: int, group) -> list:
     rests = [None] * world_size
     if longest > capacity:                 # every process saw the same lengths: all take the second round
         rests = [torch.empty(longest - capacity, dtype=torch.uint8) for _ in range(world_size)]
-        dist.all_gather(rests, _boxed(data[capacity:], longest - capacity)[8:], group=group)
+        dist.all_gather(rests, _padded(data[capacity:], longest - capacity), group=group)
     return [_unboxed(b, capacity, r) for b, r in zip(boxes, rests)]
 
 def _broadcast(obj: Any, rank: int, group) -> Any:
@@ -86,7 +89,7 @@ def _broadcast(obj: Any, rank: int, group) -> Any:
     dist.broadcast(box, src=0, group=group)
     n, rest = _length(box), None
     if n > _FIRST_ROUND:
-        rest = _boxed(data[_FIRST_ROUND:], n - _FIRST_ROUND)[8:]
+        rest = _padded(data[_FIRST_ROUND:], n - _FIRST_ROUND)
         dist.broadcast(rest, src=0, group=group)
     return obj if rank == 0 else _unboxed(box, _FIRST_ROUND, rest)
 
