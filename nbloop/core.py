@@ -543,8 +543,8 @@ def as_classes(pred: torch.Tensor,   # The model's output for a batch
     if _is_loss(loss_func, _PROBABILITIES): return pred - 0.5, targ
     if targ.is_floating_point() and targ.shape == pred.shape and pred.ndim > 1 and _is_loss(loss_func, _CLASS_SCORES):
         return pred, targ.argmax(dim=-1)
-    binary = pred.shape == targ.shape or pred.shape == (*targ.shape, 1)
-    if check and binary and not _is_loss(loss_func, _LOGITS) and pred.numel() and bool(((pred >= 0) & (pred <= 1)).all()):
+    binary = check and (pred.shape == targ.shape or pred.shape == (*targ.shape, 1))    # (shapes read only to check)
+    if binary and not _is_loss(loss_func, _LOGITS) and pred.numel() and bool(((pred >= 0) & (pred <= 1)).all()):
         name = getattr(loss_func, '__name__', type(loss_func).__name__)   # (one sync, on an epoch's first batch)
         warnings.warn(f"every prediction of this batch lies in [0, 1], but metrics read binary predictions as logits "
                       f"(class 1 above 0) unless the loss ({name}) says otherwise. If the model outputs probabilities, "

@@ -171,7 +171,7 @@ class CountMetric(Metric):
         rows = None if self.rows is None else self.rows(pred, targ)
         if rows is None: return self.counted.append(self.counts(pred, targ))   # no sync per batch, either way
         self._rows.append(rows)
-        self._n += len(rows[0])
+        self._n += rows[0].shape[0]                    # (a tensor's `len` is a Python function: its shape is read in C)
         if self._n >= self.fold_every: self._fold()
     def _fold(self) -> None:
         "Count the rows kept so far, all at once."

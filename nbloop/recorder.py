@@ -93,18 +93,18 @@ class Recorder(Callback):
     def after_batch(self, learn):
         state = learn.state                       # (every batch: read the state itself, not the learner's properties)
         if state.loss is None: return             # cancelled before its loss was complete: not a batch
+        targ = state.yb[0]                        # the batch's size: `batch_size_of`, written out for a tensor
+        size = targ.shape[0] if isinstance(targ, torch.Tensor) and targ.ndim else batch_size_of(targ)
         if state.training:
             pending, lr = self._pending, learn.opt.param_groups[0]['lr']
             pending.append(state.loss)                # already detached by the learner; stays on the device
-            targ = state.yb[0]                        # its size: `batch_size_of`, written out for a tensor
-            size = targ.shape[0] if isinstance(targ, torch.Tensor) and targ.ndim else batch_size_of(targ)
             self._meta.append((state.epoch, state.iter, state.train_iter, lr, size))
             self.lrs.append(lr)
             if len(pending) - self._stacked >= self.stack_every:   # stacked on the device while fresh (no sync)
                 pending[self._stacked:] = [torch.stack(pending[self._stacked:])]; self._stacked += 1
         else:
             self._valid.append(state.loss)
-            self._valid_sizes.append(batch_size_of(state.yb[0]))
+            self._valid_sizes.append(size)
             for m in self._metrics:
                 try: m.accumulate(learn)
                 except MetricError: raise

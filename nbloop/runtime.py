@@ -34,7 +34,13 @@ class Interrupted(Exception):
     def __init__(self, signame: str): super().__init__(signame); self.signame = signame
 
 # %% ../nbs/05_runtime.ipynb #896cb45a
-_NO_CONTEXT = contextlib.nullcontext()                    # does nothing, so one serves every batch
+class _NoContext:
+    """The context of a batch that needs none (the common case), entered every batch, so it costs nothing: its
+    `__enter__` and `__exit__` are `''.format`, a C function that takes any arguments and returns '' (false, so an
+    exception passes through), where `contextlib.nullcontext` would run two Python functions per batch."""
+    __enter__ = __exit__ = ''.format
+
+_NO_CONTEXT = _NoContext()                              # does nothing, so one serves every batch
 _IS_CPU = operator.attrgetter('is_cpu')                # `t.is_cpu` of a tensor, from C
 
 class Runtime:
@@ -122,7 +128,7 @@ def runtime_settings(cbs: Iterable,   # Callbacks; those with a `runtime_setting
 @patch
 def autocast(self: Runtime) -> contextlib.AbstractContextManager:
     "The context of forward and loss: autocast to the fit's precision, or nothing."
-    if self.precision is None: return _NO_CONTEXT
+    if self.precision is None: return contextlib.nullcontext()   # (a batch's context is `_NO_CONTEXT`: see below)
     return torch.autocast(self.device.type, dtype=self.precision)
 
 # %% ../nbs/05_runtime.ipynb #0af7935a

@@ -14,16 +14,18 @@ from .core import (CancelBatchException, CancelEpochException, CancelFitExceptio
                          CancelTrainException, CancelValidateException, FitError, check_resume, expect, forward_to,
                          get_rng_state, is_index, patch, set_rng_state, stateful)
 
+_PHASES = ('train', 'valid', 'end')
+
 # %% auto #0
 __all__ = ['RunState', 'RunStateView', 'saved_position']
 
 # %% ../nbs/01_state.ipynb #0c2d4e61
-_PHASES = ('train', 'valid', 'end')
-
 class RunState:
     """What a fit advances: its counters, the position a checkpoint continues at, the current batch, the stop and
     cancel flags, and the epoch's row. The learner's attributes of the same names (`learn.epoch`, `learn.loss`, ...)
-    read and write it."""
+    read and write it. What every batch reads or writes lives in slots (no dict lookup); the rest in `__dict__`."""
+    __slots__ = ('epoch', 'iter', 'n_iter', 'train_iter', 'training', 'dl_name', 'predicting', 'n_inp', 'in_batch', 'xb',
+                 'yb', 'pred', 'loss', 'loss_grad', '_last_graph', 'stop', 'cancel', '__dict__', '__weakref__')
     counters = ('epoch', 'n_epochs', 'iter', 'n_iter', 'train_iter', 'total_steps', 'training', 'pct_train')
     call = ('fit_method', 'interrupted', 'resumed_from')       # about the call to fit, not the run: never saved
     batch = ('dl', 'xb', 'yb', 'pred', 'loss', 'loss_grad')
