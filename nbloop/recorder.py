@@ -24,6 +24,8 @@ from .metrics import Metric, MetricError, ObjectMetric, as_metric, batch_size_of
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+_SIZE = operator.itemgetter(4)         # the batch size in a pending loss's `(epoch, batch, step, lr, size)`
+
 # %% auto #0
 __all__ = ['Recorder', 'RecorderView', 'new_figure', 'TinyLearner']
 
@@ -119,7 +121,7 @@ class Recorder(Callback):
         if not self._pending: return
         meta, new = self._meta, torch.cat([p.reshape(-1) for p in self._pending]).float().tolist()  # sync point
         self._pending, self._stacked, self._meta = [], 0, []       # (stacks of `stack_every`, then single losses)
-        self._losses.extend(new); self._sizes.extend(m[4] for m in meta)
+        self._losses.extend(new); self._sizes.extend(map(_SIZE, meta))
         if not self.listeners: return
         rows = [(e, i, s, loss, lr) for (e, i, s, lr, _), loss in zip(meta, new)]
         for fn in list(self.listeners): fn(rows)

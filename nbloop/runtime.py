@@ -94,8 +94,14 @@ class Runtime:
                     state,       # The learner's `RunState`: the source's name, the model's inputs, whether predicting
                     ) -> tuple[tuple, tuple]:
         """The batch's inputs and targets on the device: `data.split_batch` of `to_device(batch)`, the learner's one
-        call for both (a runtime that places batches otherwise overrides it)."""
-        return split_batch(self.to_device(batch), state.dl_name, state.n_inp, state.predicting)
+        call for both (a runtime that places batches otherwise overrides it). On the CPU, the usual batch (the inputs
+        then one target, all tensors there already) is split at once, in this one call."""
+        n = state.n_inp
+        if self._cpu and type(batch) in (tuple, list) and len(batch) - 1 == n:      # (every batch)
+            try:
+                if all(map(_IS_CPU, batch)): return tuple(batch[:n]), (batch[n],)
+            except AttributeError: pass                     # not only tensors: see `to_device`
+        return split_batch(self.to_device(batch), state.dl_name, n, state.predicting)
 
 # %% ../nbs/05_runtime.ipynb #6a1d3e5f
 @patch
