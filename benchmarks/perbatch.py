@@ -26,38 +26,18 @@ SIZES = (100, 400)                       # batches per fit: the difference is co
 PHASES = {'train': ('plain', 'loop', 'callbacks'), 'valid': ('plain', 'loop', 'callbacks', 'metric')}
 
 
-def plain(model, opt, train, valid):
-    "The hand-written loop: training batches, then validation sums of loss and hits (as overhead.py's)."
-    import torch
-    import torch.nn.functional as F
-    model.train()
-    for xb, yb in train:
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    if not valid: return
-    model.eval()
-    total, correct = 0., 0
-    with torch.no_grad():
-        for xb, yb in valid:
-            pred = model(xb)
-            total += F.cross_entropy(pred, yb, reduction='sum')
-            correct += (pred.argmax(1) == yb).sum()
-    float(total), int(correct)
-
-
 def fit(variant, train, valid):
     "One fit of `variant` ('plain', or the Learner's 'loop', 'callbacks', 'metric') on these batches."
     import torch
     from common import mlp
+    from overhead import plain_loop
     from nbloop.learner import Learner
     from nbloop.metrics import accuracy
     from nbloop.progress import ProgressCallback
     from nbloop.recorder import Recorder
-    model = mlp()
-    if variant == 'plain': return plain(model, torch.optim.SGD(model.parameters(), lr=0.1), train, valid)
-    learn = Learner(model, train, valid, opt_func=torch.optim.SGD, lr=0.1, device='cpu',
+    if variant == 'plain':     # (its validation needs batches: one, the same in both fits, when training is counted)
+        with redirect_stdout(io.StringIO()): return plain_loop(1, train, valid or train[:1])
+    learn = Learner(mlp(), train, valid, opt_func=torch.optim.SGD, lr=0.1, device='cpu',
                     metrics=[accuracy] if variant == 'metric' else [])
     with redirect_stdout(io.StringIO()), learn.removed_cbs([Recorder, ProgressCallback] if variant == 'loop' else []):
         learn.fit(1)
