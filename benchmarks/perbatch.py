@@ -8,8 +8,8 @@ the loop saves). This counts the batches alone: one Python process runs under va
 its fits it asks callgrind for the count so far (`callgrind_control --dump`). Each variant fits once on 100 and once
 on 400 batches; the difference over 300 batches is its cost per batch, with set-up, imports and the memory layout
 left out. Batches are overhead.py's (the MLP 32→64→10, batches of 64, SGD, one thread), collated once into a list, so
-that the data pipeline is the same object for every variant. The extra over the hand-written loop moves by about
-1k instructions from one run to the next; a batch of the loop itself costs some 1.4M.
+that the data pipeline is the same object for every variant. The extra over the hand-written loop moves by 2k to
+4k instructions from one run to the next; a hand-written training batch costs some 940k.
 
 Usage: python benchmarks/perbatch.py    (needs valgrind; about 4 minutes)
 """
@@ -49,7 +49,8 @@ def child():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import data
     torch.set_num_threads(1)
-    batches = [b for _ in range(2) for b in data()[0]][:max(SIZES)]     # collated once: 500 batches of 64
+    train = data()[0]
+    batches = [b for _ in range(2) for b in train][:max(SIZES)]     # collated once: two epochs' batches of 64
     def dump(tag): subprocess.run(['callgrind_control', '--dump=' + tag, str(os.getpid())], capture_output=True)
     for phase, variants in PHASES.items():
         for v in variants: fit(v, batches[:20], batches[:20] if phase == 'valid' else None)   # warm-up

@@ -134,7 +134,7 @@ def runtime_settings(cbs: Iterable,   # Callbacks; those with a `runtime_setting
 @patch
 def autocast(self: Runtime) -> contextlib.AbstractContextManager:
     "The context of forward and loss: autocast to the fit's precision, or nothing."
-    if self.precision is None: return contextlib.nullcontext()   # (a batch's context is `_NO_CONTEXT`: see below)
+    if self.precision is None: return contextlib.nullcontext()   # (`batch_context` uses `_NO_CONTEXT` instead)
     return torch.autocast(self.device.type, dtype=self.precision)
 
 # %% ../nbs/05_runtime.ipynb #0af7935a
@@ -169,13 +169,13 @@ def batch_context(self: Runtime,
     In training with accumulation, it decides whether the batch steps (the last of its group of `accumulate`, or
     of the epoch); when it does not, the forward also runs in `no_sync`, so that the backward after it
     accumulates gradients without an all-reduce (DDP decides that in forward). In the common case, nothing at all."""
-    n = self.accumulate
-    if not training or n == 1: return _NO_CONTEXT if self.precision is None else self.autocast()
+    n, forward = self.accumulate, _NO_CONTEXT if self.precision is None else self.autocast()
+    if not training or n == 1: return forward
     if n_iter is None: self._size, self.steps = n, (self.accumulated + 1) % n == 0   # groups run across epochs
     else:
         first = iter - iter % n
         self._size, self.steps = min(n, n_iter - first), (iter + 1) % n == 0 or iter + 1 == n_iter
-    return self.autocast() if self.steps else _entered(self.no_sync(self.model, True), self.autocast())
+    return forward if self.steps else _entered(self.no_sync(self.model, True), forward)
 
 # %% ../nbs/05_runtime.ipynb #e8c449a5
 @patch
