@@ -126,7 +126,7 @@ def _one_batch(self: Learner) -> None:
     if 'before_batch' in events: self._fire('before_batch')
     try:
         with runtime.batch_context(state.training, state.iter, state.n_iter):   # precision; accumulating: no all-reduce
-            state.pred = call_model(self.model, state.xb, state.dl_name, first=state.iter == 0)
+            state.pred = call_model(runtime.model, state.xb, state.dl_name, first=state.iter == 0)
             if 'after_pred' in events: self._fire('after_pred')
             state.set_loss(compute_loss(self.loss_func, state.pred, state.yb, state.training))
             if 'after_loss' in events: self._fire('after_loss')

@@ -26,19 +26,26 @@ if TYPE_CHECKING:
 
 _SIZE = operator.itemgetter(4)         # the batch size in a pending loss's `(epoch, batch, step, lr, size)`
 
+def _floats_of(losses: list) -> list[float]:
+    "Kept losses as floats: they are floats already (on the CPU), or 0-d tensors and stacks of them on the device (a sync)."
+    return losses if type(losses[0]) is float else torch.cat([p.reshape(-1) for p in losses]).tolist()
+
 # %% auto #0
 __all__ = ['Recorder', 'RecorderView', 'new_figure', 'TinyLearner']
 
 # %% ../nbs/06a_recorder.ipynb #58e6fa2e
 class Recorder(Callback):
     """Record per-batch losses and learning rates, per-epoch history, and compute metrics during validation. The
-    losses stay on the device until a display or a log needs them (`flush`, one sync); `listeners` (the loggers)
-    then get the new training batches as `(epoch, batch, step, loss, lr)` rows."""
+    losses stay on the device until a display or a log needs them (`flush`, one sync); on the CPU, where a float costs
+    no sync, they are floats at once. `listeners` (the loggers) get the new training batches at a flush, as
+    `(epoch, batch, step, loss, lr)` rows."""
     order = 50
     runs_in_lr_find = True
     per_process_state = True       # each process records its own batches' losses
     smooth_beta = 0.98
     stack_every = 32               # pending losses are stacked into one tensor every this many training batches
+    keep_tensors = None            # keep losses as tensors until a flush: None: on an accelerator, not on the CPU
+    _floats = False                # (this fit's choice: see `before_fit`)
     _row_keys = ('epoch', 'train_loss', 'valid_loss', 'time')
 
     def __init__(self,
@@ -89,23 +96,26 @@ class Recorder(Callback):
     def before_fit(self, learn):
         self.history = []
         self._reset_fit()
+        self._floats = learn.device.type == 'cpu' if self.keep_tensors is None else not self.keep_tensors
 
     def before_epoch(self, learn): self._epoch_t0 = time.perf_counter()
 
     def after_batch(self, learn):
         state = learn.state                       # (every batch: read the state itself, not the learner's properties)
-        if state.loss is None: return             # cancelled before its loss was complete: not a batch
+        loss = state.loss_value() if self._floats else state.loss   # on the CPU a float costs less than a tensor
+        if loss is None: return                   # cancelled before its loss was complete: not a batch
         targ = state.yb[0]                        # the batch's size: `batch_size_of`, written out for a tensor
-        size = targ.shape[0] if isinstance(targ, torch.Tensor) and targ.ndim else batch_size_of(targ)
+        shape = targ.shape if isinstance(targ, torch.Tensor) else None
+        size = shape[0] if shape else batch_size_of(targ)
         if state.training:
             pending, lr = self._pending, learn.opt.param_groups[0]['lr']
-            pending.append(state.loss)                # already detached by the learner; stays on the device
+            pending.append(loss)
             self._meta.append((state.epoch, state.iter, state.train_iter, lr, size))
             self.lrs.append(lr)
-            if len(pending) - self._stacked >= self.stack_every:   # stacked on the device while fresh (no sync)
-                pending[self._stacked:] = [torch.stack(pending[self._stacked:])]; self._stacked += 1
+            if not self._floats and len(pending) - self._stacked >= self.stack_every:   # stacked on the device while
+                pending[self._stacked:] = [torch.stack(pending[self._stacked:])]; self._stacked += 1   # fresh (no sync)
         else:
-            self._valid.append(state.loss)
+            self._valid.append(loss)
             self._valid_sizes.append(size)
             for m in self._metrics:
                 try: m.accumulate(learn)
@@ -114,17 +124,6 @@ class Recorder(Callback):
                     raise MetricError(
                         f"metric '{m.name}' raised {type(e).__name__}: {e} (predictions: {describe(learn.pred)}; "
                         f"targets: {describe(learn.yb[0])})") from e
-
-    def flush(self) -> None:
-        "Turn the pending losses into floats (one sync) and hand the new training batches to the listeners as rows."
-        if self._log_pending: self._flush_logs()
-        if not self._pending: return
-        meta, new = self._meta, torch.cat([p.reshape(-1) for p in self._pending]).float().tolist()  # sync point
-        self._pending, self._stacked, self._meta = [], 0, []       # (stacks of `stack_every`, then single losses)
-        self._losses.extend(new); self._sizes.extend(map(_SIZE, meta))
-        if not self.listeners: return
-        rows = [(e, i, s, loss, lr) for (e, i, s, lr, _), loss in zip(meta, new)]
-        for fn in list(self.listeners): fn(rows)
 
     @property
     def losses(self) -> list[float]:
@@ -149,6 +148,19 @@ class Recorder(Callback):
         self._smoothed.extend(self._ema(v) for v in self._losses[len(self._smoothed):])
         return self._smoothed
 
+# %% ../nbs/06a_recorder.ipynb #89c483ff
+@patch
+def flush(self: Recorder) -> None:
+    "Turn the pending losses into floats (one sync where they wait on the device); give listeners the new batches as rows."
+    if self._log_pending: self._flush_logs()
+    if not self._pending: return
+    meta, new = self._meta, _floats_of(self._pending)                  # (a sync point)
+    self._pending, self._stacked, self._meta = [], 0, []       # (stacks of `stack_every`, then single losses)
+    self._losses.extend(new); self._sizes.extend(map(_SIZE, meta))
+    if not self.listeners: return
+    rows = [(e, i, s, loss, lr) for (e, i, s, lr, _), loss in zip(meta, new)]
+    for fn in list(self.listeners): fn(rows)
+
 # %% ../nbs/06a_recorder.ipynb #b4f0d6e2
 @patch
 def _train_sums(self: Recorder) -> tuple[float, int]:
@@ -159,7 +171,7 @@ def _train_sums(self: Recorder) -> tuple[float, int]:
 @patch
 def _valid_sums(self: Recorder) -> tuple[float, int]:
     if not self._valid: return 0., 0
-    vals = torch.stack(self._valid).float().tolist()  # sync point
+    vals = _floats_of(self._valid)                    # (a sync point)
     return sum(v * s for v, s in zip(vals, self._valid_sizes)), sum(self._valid_sizes)
 
 @patch
@@ -257,7 +269,7 @@ def end_epoch(self: Recorder,
     row.update({name: float(v) for name, v in self._epoch_logs.items()})      # logged outside the batches (a sync)
     row['time'] = time.perf_counter() - getattr(self, '_epoch_t0', time.perf_counter())
     self.history.append(row)
-    self._epoch_ends.append(len(self._losses) + len(self._pending))
+    self._epoch_ends.append(len(self._losses) + len(self._meta))
     self.values, state.row, self._loaded_row, self._epoch_logs = None, {}, {}, {}
     state.end_epoch(row)
 

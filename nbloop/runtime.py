@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import operator
 import signal
 import sys
 import threading
@@ -41,7 +40,6 @@ class _NoContext:
     __enter__ = __exit__ = ''.format
 
 _NO_CONTEXT = _NoContext()                              # does nothing, so one serves every batch
-_IS_CPU = operator.attrgetter('is_cpu')                # `t.is_cpu` of a tensor, from C
 
 class Runtime:
     """One process on one device: moves data, runs forward in the fit's precision, backward and step (scaled,
@@ -85,7 +83,9 @@ class Runtime:
         of tensors that are all there already is returned as it is, after one look at each item (no work in Python)."""
         if self._cpu and type(items) in (tuple, list):
             try:
-                if all(map(_IS_CPU, items)): return items
+                for t in items:                             # (a loop costs less than `all(map(...))` for a few items)
+                    if not t.is_cpu: break
+                else: return items
             except AttributeError: pass                     # not only tensors: `to_device` walks it
         return to_device(items, self.device)
 
@@ -99,7 +99,9 @@ class Runtime:
         n = state.n_inp
         if self._cpu and type(batch) in (tuple, list) and len(batch) - 1 == n:      # (every batch)
             try:
-                if all(map(_IS_CPU, batch)): return tuple(batch[:n]), (batch[n],)
+                for t in batch:
+                    if not t.is_cpu: break
+                else: return ((batch[0],) if n == 1 else tuple(batch[:n])), (batch[n],)
             except AttributeError: pass                     # not only tensors: see `to_device`
         return split_batch(self.to_device(batch), state.dl_name, n, state.predicting)
 

@@ -25,7 +25,7 @@ class RunState:
     cancel flags, and the epoch's row. The learner's attributes of the same names (`learn.epoch`, `learn.loss`, ...)
     read and write it. What every batch reads or writes lives in slots (no dict lookup); the rest in `__dict__`."""
     __slots__ = ('epoch', 'iter', 'n_iter', 'train_iter', 'training', 'dl_name', 'predicting', 'n_inp', 'in_batch', 'xb',
-                 'yb', 'pred', 'loss', 'loss_grad', '_last_graph', 'stop', 'cancel', '__dict__', '__weakref__')
+                 'yb', 'pred', '_loss', '_loss_of', 'loss_grad', '_last_graph', 'stop', 'cancel', '__dict__', '__weakref__')
     counters = ('epoch', 'n_epochs', 'iter', 'n_iter', 'train_iter', 'total_steps', 'training', 'pct_train')
     call = ('fit_method', 'interrupted', 'resumed_from')       # about the call to fit, not the run: never saved
     batch = ('dl', 'xb', 'yb', 'pred', 'loss', 'loss_grad')
@@ -58,18 +58,6 @@ class RunState:
         self.dl = self.dl_name = self.xb = self.yb = self.pred = self.loss = self.loss_grad = None
         self.in_batch = False                                 # from a batch's start to its phase's end (`learn.log`)
         self._last_graph = None                               # the batch before's graph, until this one's exists
-
-    def check_fit(self,
-                  n_epochs: Any,      # What `fit` was given as its number of epochs
-                  resume: Any = None,  # What it was given as `resume`
-                  ) -> None:
-        "Raise before a fit changes anything: `FitError` if one is running already, and for arguments it cannot take."
-        if self.fitting:
-            raise FitError('fit was called while this learner is already fitting (from inside a callback?); a fit '
-                           'cannot run inside another. Train afterwards, or use a second Learner.')
-        if not isinstance(n_epochs, int) or isinstance(n_epochs, bool) or n_epochs < 0:
-            raise ValueError(f'n_epochs must be a whole number >= 0, got {n_epochs!r}')
-        check_resume(resume)
 
     def epochs(self,
                cbs: list = (),          # The fit's callbacks, for `begin`
@@ -104,26 +92,33 @@ class RunState:
         until this one's loss exists (`set_loss`), so that autograd reuses the parameters' gradient accumulators
         instead of building new ones every batch (as a hand-written loop's `loss` variable does)."""
         self._last_graph = self.loss_grad
-        self.xb, self.yb, self.pred, self.loss, self.loss_grad, self.in_batch = xb, yb, None, None, None, True
+        self.xb, self.yb, self.pred, self._loss, self._loss_of, self.loss_grad, self.in_batch = xb, yb, *(None,) * 4, True
         if self.n_inp is None and yb: self.n_inp = len(xb)     # the model's inputs: from its first batch with targets
 
     def set_loss(self,
                  loss: Any,   # The batch's loss, with its gradient (`loss_grad`)
                  ) -> None:
         "The batch's loss: `loss_grad` to back-propagate, and `loss`, detached, for everyone else (None: inputs only)."
-        self.loss_grad, self.loss, self._last_graph = loss, None if loss is None else loss.detach(), None
+        self.loss_grad, self._loss_of, self._loss, self._last_graph = loss, loss, None, None
+
+    @property
+    def loss(self) -> Any:
+        """The batch's loss without its graph: the loss `set_loss` got, detached when first read (a detach costs as
+        much as a small layer, and most batches' losses are only ever read as a float: `loss_value`)."""
+        if self._loss_of is not None: self._loss, self._loss_of = self._loss_of.detach(), None
+        return self._loss
+
+    @loss.setter
+    def loss(self, value: Any) -> None: self._loss, self._loss_of = value, None
+
+    def loss_value(self) -> float | None:
+        "`loss.item()` without a detach first (None without a loss): what the Recorder keeps on the CPU."
+        loss = self._loss if self._loss_of is None else self._loss_of
+        return None if loss is None else loss.item()
 
     def forget_batch(self) -> None:
         "A batch cancelled before its loss was complete counts for nothing: no prediction, no loss."
         self.pred = self.loss = self.loss_grad = None
-
-    def arrive(self,
-               generators: list,   # The data pipeline's own generators (see `data.data_generators`)
-               ) -> None:
-        """A phase's batches begin (after its before_ event). A resumed fit puts back here the random states the
-        interrupted one had here; a validation remembers them, for a checkpoint written during it."""
-        if self.pending_rng is not None: set_rng_state(self.pending_rng, generators)
-        self.pending_rng, self.phase_rng = None, None if self.training else get_rng_state(generators)
 
     def count_batch(self) -> None:
         "A batch ended (whether it finished or was cancelled); training batches count."
@@ -144,6 +139,20 @@ class RunState:
 class RunStateView:
     "A mixin for what keeps a `RunState` in `self.state`: its attributes (`epoch`, `loss`, ...) read and write as its own."
 for _name in RunState.names: setattr(RunStateView, _name, forward_to('state', _name))
+
+# %% ../nbs/01_state.ipynb #3f6952f9
+@patch
+def check_fit(self: RunState,
+              n_epochs: Any,      # What `fit` was given as its number of epochs
+              resume: Any = None,  # What it was given as `resume`
+              ) -> None:
+    "Raise before a fit changes anything: `FitError` if one is running already, and for arguments it cannot take."
+    if self.fitting:
+        raise FitError('fit was called while this learner is already fitting (from inside a callback?); a fit '
+                       'cannot run inside another. Train afterwards, or use a second Learner.')
+    if not isinstance(n_epochs, int) or isinstance(n_epochs, bool) or n_epochs < 0:
+        raise ValueError(f'n_epochs must be a whole number >= 0, got {n_epochs!r}')
+    check_resume(resume)
 
 # %% ../nbs/01_state.ipynb #27b25ad1
 @patch
@@ -177,6 +186,16 @@ def first_epoch(self: RunState) -> int:
 def end_phase(self: RunState) -> None:
     "The phase's batches are over (right before `after_train` / `after_validate`): `in_batch` is False until the next batch."
     self.in_batch = False
+
+# %% ../nbs/01_state.ipynb #ccc5d689
+@patch
+def arrive(self: RunState,
+           generators: list,   # The data pipeline's own generators (see `data.data_generators`)
+           ) -> None:
+    """A phase's batches begin (after its before_ event). A resumed fit puts back here the random states the
+    interrupted one had here; a validation remembers them, for a checkpoint written during it."""
+    if self.pending_rng is not None: set_rng_state(self.pending_rng, generators)
+    self.pending_rng, self.phase_rng = None, None if self.training else get_rng_state(generators)
 
 # %% ../nbs/01_state.ipynb #d184a5c6
 @patch
