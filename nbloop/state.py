@@ -92,7 +92,8 @@ class RunState:
         until this one's loss exists (`set_loss`), so that autograd reuses the parameters' gradient accumulators
         instead of building new ones every batch (as a hand-written loop's `loss` variable does)."""
         self._last_graph = self.loss_grad
-        self.xb, self.yb, self.pred, self._loss, self._loss_of, self.loss_grad, self.in_batch = xb, yb, *(None,) * 4, True
+        self.xb, self.yb, self.in_batch = xb, yb, True
+        self.pred = self._loss = self._loss_of = self.loss_grad = None
         if self.n_inp is None and yb: self.n_inp = len(xb)     # the model's inputs: from its first batch with targets
 
     def set_loss(self,
