@@ -79,20 +79,6 @@ class Recorder(Callback):
     @property
     def metric_names(self) -> list[str]: return [m.name for m in self.metrics]
 
-    def _reset_fit(self):
-        self._losses: list[float] = []
-        self._pending, self._stacked = [], 0    # losses on the device: `_stacked` stacks first, then single ones
-        self._meta: list[tuple] = []          # (epoch, batch, step, lr, batch size) of each pending loss
-        self.lrs: list[float] = []
-        self._sizes: list[int] = []          # batch sizes of the current epoch's training batches
-        self._epoch_start = 0                # index in losses where this epoch started
-        self._ema, self._smoothed = DebiasedEMA(self.smooth_beta), []
-        self._valid, self._valid_sizes = [], []   # the validation losses (on the device) and sizes of its batches
-        self._epoch_ends: list[int] = []     # len(losses) at the end of each epoch, to place valid points
-        # `learn.log`: values not flushed yet; per name, (step, value) of each training batch; the epoch's own columns
-        self._log_pending, self._logged, self._epoch_logs, self._epoch_base = [], {}, {}, 0
-        self._log_sums: dict[bool, dict] = {True: {}, False: {}}   # training / validation: name -> [sum, samples]
-
     def before_fit(self, learn):
         self.history = []
         self._reset_fit()
@@ -125,6 +111,17 @@ class Recorder(Callback):
                         f"metric '{m.name}' raised {type(e).__name__}: {e} (predictions: {describe(learn.pred)}; "
                         f"targets: {describe(learn.yb[0])})") from e
 
+    def flush(self) -> None:
+        "Turn the pending losses into floats (one sync where they wait on the device); give listeners the new batches as rows."
+        if self._log_pending: self._flush_logs()
+        if not self._pending: return
+        meta, new = self._meta, _floats_of(self._pending)                  # (a sync point)
+        self._pending, self._stacked, self._meta = [], 0, []       # (stacks of `stack_every`, then single losses)
+        self._losses.extend(new); self._sizes.extend(map(_SIZE, meta))
+        if not self.listeners: return
+        rows = [(e, i, s, loss, lr) for (e, i, s, lr, _), loss in zip(meta, new)]
+        for fn in list(self.listeners): fn(rows)
+
     @property
     def losses(self) -> list[float]:
         "The training loss of every batch of this fit."
@@ -148,18 +145,22 @@ class Recorder(Callback):
         self._smoothed.extend(self._ema(v) for v in self._losses[len(self._smoothed):])
         return self._smoothed
 
-# %% ../nbs/06a_recorder.ipynb #89c483ff
+# %% ../nbs/06a_recorder.ipynb #e385face
 @patch
-def flush(self: Recorder) -> None:
-    "Turn the pending losses into floats (one sync where they wait on the device); give listeners the new batches as rows."
-    if self._log_pending: self._flush_logs()
-    if not self._pending: return
-    meta, new = self._meta, _floats_of(self._pending)                  # (a sync point)
-    self._pending, self._stacked, self._meta = [], 0, []       # (stacks of `stack_every`, then single losses)
-    self._losses.extend(new); self._sizes.extend(map(_SIZE, meta))
-    if not self.listeners: return
-    rows = [(e, i, s, loss, lr) for (e, i, s, lr, _), loss in zip(meta, new)]
-    for fn in list(self.listeners): fn(rows)
+def _reset_fit(self: Recorder) -> None:
+    "A new fit's records, empty: losses (flushed, and pending), sizes, the smoothed curve, validation, logs."
+    self._losses: list[float] = []
+    self._pending, self._stacked = [], 0    # not flushed yet: floats, or tensors (`_stacked` stacks, then single ones)
+    self._meta: list[tuple] = []          # (epoch, batch, step, lr, batch size) of each pending loss
+    self.lrs: list[float] = []
+    self._sizes: list[int] = []          # batch sizes of the current epoch's training batches
+    self._epoch_start = 0                # index in losses where this epoch started
+    self._ema, self._smoothed = DebiasedEMA(self.smooth_beta), []
+    self._valid, self._valid_sizes = [], []   # the validation losses (floats, or tensors) and sizes of its batches
+    self._epoch_ends: list[int] = []     # len(losses) at the end of each epoch, to place valid points
+    # `learn.log`: values not flushed yet; per name, (step, value) of each training batch; the epoch's own columns
+    self._log_pending, self._logged, self._epoch_logs, self._epoch_base = [], {}, {}, 0
+    self._log_sums: dict[bool, dict] = {True: {}, False: {}}   # training / validation: name -> [sum, samples]
 
 # %% ../nbs/06a_recorder.ipynb #b4f0d6e2
 @patch
