@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 _SIZE = operator.itemgetter(4)         # the batch size in a pending loss's `(epoch, batch, step, lr, size)`
 
 def _floats_of(losses: list) -> list[float]:
-    "Kept losses as floats: they are floats already (on the CPU), or 0-d tensors and stacks of them on the device (a sync)."
-    return losses if type(losses[0]) is float else torch.cat([p.reshape(-1) for p in losses]).tolist()
+    "Kept losses as numbers: they are already (on the CPU), or are 0-d tensors and stacks of them on the device (a sync)."
+    return losses if not isinstance(losses[0], torch.Tensor) else torch.cat([p.reshape(-1) for p in losses]).tolist()
 
 # %% auto #0
 __all__ = ['Recorder', 'RecorderView', 'new_figure', 'TinyLearner']
