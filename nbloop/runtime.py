@@ -41,6 +41,15 @@ class _NoContext:
 
 _NO_CONTEXT = _NoContext()                              # does nothing, so one serves every batch
 
+def _cpu_tensors(items: Any) -> bool:
+    "Whether `items` is a tuple or list of tensors that are all on the CPU (a loop: cheaper than `all(map(...))` here)."
+    if type(items) not in (tuple, list): return False
+    try:
+        for t in items:
+            if not t.is_cpu: return False
+    except AttributeError: return False                # not only tensors
+    return True
+
 class Runtime:
     """One process on one device: moves data, runs forward in the fit's precision, backward and step (scaled,
     accumulated and clipped as the fit's settings ask), turns signals into stops, and writes checkpoints."""
@@ -81,13 +90,8 @@ class Runtime:
                   ) -> Any:
         """Move a batch's tensors to the device (asynchronously where possible). On the CPU, a batch (a tuple or list)
         of tensors that are all there already is returned as it is, after one look at each item (no work in Python)."""
-        if self._cpu and type(items) in (tuple, list):
-            try:
-                for t in items:                             # (a loop costs less than `all(map(...))` for a few items)
-                    if not t.is_cpu: break
-                else: return items
-            except AttributeError: pass                     # not only tensors: `to_device` walks it
-        return to_device(items, self.device)
+        if self._cpu and _cpu_tensors(items): return items
+        return to_device(items, self.device)                # (anything else: `to_device` walks it)
 
     def split_batch(self,
                     batch: Any,  # What the phase's dataloader yielded
@@ -97,12 +101,8 @@ class Runtime:
         call for both (a runtime that places batches otherwise overrides it). On the CPU, the usual batch (the inputs
         then one target, all tensors there already) is split at once, in this one call."""
         n = state.n_inp
-        if self._cpu and type(batch) in (tuple, list) and len(batch) - 1 == n:      # (every batch)
-            try:
-                for t in batch:
-                    if not t.is_cpu: break
-                else: return ((batch[0],) if n == 1 else tuple(batch[:n])), (batch[n],)
-            except AttributeError: pass                     # not only tensors: see `to_device`
+        if self._cpu and _cpu_tensors(batch) and len(batch) - 1 == n:                # (every batch)
+            return ((batch[0],) if n == 1 else tuple(batch[:n])), (batch[n],)
         return split_batch(self.to_device(batch), state.dl_name, n, state.predicting)
 
 # %% ../nbs/05_runtime.ipynb #6a1d3e5f
