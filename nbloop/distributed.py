@@ -168,10 +168,11 @@ class DistributedRuntime(Runtime):
         return tuple(map(sum, zip(*self.gather(values))))
 
     def sync_metric(self,
-                    metric,   # A metric with accumulated state (see `metrics.Metric.sync`)
+                    metric,        # A metric with accumulated state (see `metrics.Metric.sync`)
+                    gather=None,   # The gather to sync through (None: `self.gather`): the Recorder's carries its sums
                     ) -> None:
         "Combine every process's accumulated state of `metric` before it computes (`metric.sync(gather)`)."
-        metric.sync(self.gather)
+        metric.sync(gather or self.gather)
 
     def barrier(self) -> None:
         "Wait until every process gets here (on the CPU group)."
@@ -206,9 +207,18 @@ def vote_stop(self: DistributedRuntime,
     next period (about `vote_interval` seconds of batches; the largest wins), so the vote costs little however
     short the batches are, and all processes switch periods at the same batch. Validation has no per-batch vote
     (processes may have different numbers of validation batches); it votes once at its end (`final_vote`)."""
-    if not training: return None
+    return self._send_vote(local, tally) if self._vote_due(training) else None
+
+@patch
+def _vote_due(self: DistributedRuntime, training: bool) -> bool:
+    "Count a training batch: whether it is the one in `period` that votes (validation batches never are)."
+    if not training: return False
     self._since += 1
-    if self._since < self._period: return None
+    return self._since >= self._period
+
+@patch
+def _send_vote(self: DistributedRuntime, local: str | None, tally: tuple) -> str | None:
+    "Send this process's vote (and its proposal for the next period); the previous vote's outcome, or None."
     now = time.perf_counter()
     per_batch = (now - self._clock) / self._since
     self._since, self._clock = 0, now
@@ -251,9 +261,9 @@ def check_stop(self: DistributedRuntime,
                timeout: float | None = None,  # With `end`: seconds to wait for the others' vote (see `agree_cancel`)
                ) -> None:
     "At a batch boundary: every process stops here if any of them was signalled (or cancelled), by a vote."
-    local = state.stop or state.cancel
-    tally = state.cancels, state.cancel_mark(self.rank, self.world_size)
-    stop = self.final_vote(local, tally, timeout) if end else self.vote_stop(local, training, tally)
+    if not (end or self._vote_due(training)): return         # most batches: no vote, so no tally to build
+    local, tally = state.stop or state.cancel, (state.cancels, state.cancel_mark(self.rank, self.world_size))
+    stop = self.final_vote(local, tally, timeout) if end else self._send_vote(local, tally)
     if stop is not None: self._stop(state, stop)
 
 # %% ../nbs/05a_distributed.ipynb #995e1747

@@ -203,14 +203,31 @@ def running_values(self: Recorder,
     return vals
 
 # %% ../nbs/06a_recorder.ipynb #c7de3b62
+class _Carried:
+    """A gather that carries `extra` along with the first object gathered through it, so that both travel in one
+    round (with several processes each round is a wait): the phase's sums ride with the first metric's state."""
+    def __init__(self, gather: Callable, extra: Any): self.gather, self.extra, self.extras = gather, extra, None
+    def __call__(self, obj: Any) -> list:
+        if self.extras is not None: return self.gather(obj)
+        parts = self.gather((self.extra, obj))
+        self.extras = [e for e, _ in parts]
+        return [o for _, o in parts]
+    def carried(self) -> list:
+        "Every process's `extra`: gathered now unless it travelled already."
+        if self.extras is None: self.extras = self.gather(self.extra)
+        return self.extras
+
 def _phase_means(learn, rec: Recorder, training: bool,
                  sums: tuple[float, int],   # This process's (sum of losses, count) for the phase
+                 sync: Callable | None = None,   # `sync(gather)` syncs the metrics through a gather that carries the sums
                  ) -> tuple[float, dict[str, float]]:
     """The phase's loss, the mean over every process's samples, and `train_<name>` (or `valid_<name>`) for what
-    `learn.log` gave in its batches, means likewise: both in one gather."""
+    `learn.log` gave in its batches, means likewise: both in one gather, which the first metric's sync carries."""
     rec.flush()
     logged, rec._log_sums[training] = rec._log_sums[training], {}
-    parts = learn.runtime.gather((sums, logged))       # every process's (with one, its own): the names may differ
+    share = _Carried(learn.runtime.gather, (sums, logged))
+    if sync is not None: sync(share)
+    parts = share.carried()                            # every process's (with one, its own): the names may differ
     loss, n = map(sum, zip(*(s for s, _ in parts)))
     total: dict = {}
     for _, part in parts:
@@ -237,18 +254,19 @@ def before_validate(self: Recorder, learn):
 # %% ../nbs/06a_recorder.ipynb #4efc2669
 @patch
 def after_validate(self: Recorder, learn):
-    "The validation loss and every metric (each synced over the processes first): `values`."
-    loss, logged = _phase_means(learn, self, False, self._valid_sums())
-    values = {'valid_loss': loss}
-    for m in self.metrics:
-        try:
-            learn.runtime.sync_metric(m)
-            values[m.name] = m.compute()
-        except MetricError: raise
-        except Exception as e:
-            raise MetricError(f"metric '{m.name}' raised {type(e).__name__} when computing its value at the end "
-                              f"of validation (after_validate): {e}") from e
-    self.values = {**values, **logged}
+    "The validation loss and every metric (each synced over the processes first, the first with the loss's sums): `values`."
+    values = {}
+    def sync(gather):
+        for m in self.metrics:
+            try:
+                learn.runtime.sync_metric(m, gather)
+                values[m.name] = m.compute()
+            except MetricError: raise
+            except Exception as e:
+                raise MetricError(f"metric '{m.name}' raised {type(e).__name__} when computing its value at the end "
+                                  f"of validation (after_validate): {e}") from e
+    loss, logged = _phase_means(learn, self, False, self._valid_sums(), sync)
+    self.values = {'valid_loss': loss, **values, **logged}
     self._valid, self._valid_sizes = [], []
 
 # %% ../nbs/06a_recorder.ipynb #53019273

@@ -380,7 +380,8 @@ def sum_over_processes(self: Runtime,
 # %% ../nbs/05_runtime.ipynb #dd65e3af
 @patch
 def sync_metric(self: Runtime,
-                metric,   # A metric with accumulated state (see `metrics.Metric.sync`)
+                metric,         # A metric with accumulated state (see `metrics.Metric.sync`)
+                gather=None,    # The gather to sync through (None: `self.gather`); see `DistributedRuntime`
                 ) -> None:
     "Combine every process's accumulated state of `metric` before it computes: here, nothing to combine."
 
