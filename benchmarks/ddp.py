@@ -15,18 +15,22 @@ epoch from the end of the first epoch to the end of the last (the fit's start an
 warm-up, left out). Rank 0's figures are printed: medians and quartiles of ms per epoch, and the median of the
 per-round ratios.
 
+The defaults (30 rounds of 6 epochs, about 6 minutes here) are sized to the noise: on this 2-core host an epoch
+varies by about 10% from the one before (two processes, their gloo threads and a blocking round per batch on two
+cores), and with 15 rounds of 4 epochs the median ratio moved from 1.01 to 1.10 between runs of the same code.
+
   --parts    also times the Learner without metrics, and without callbacks or metrics (bare), and prints the
              Learner's extra time split into the loop itself, its callbacks and its metric; then, in one more fit of
              each, where an epoch goes: the hand-written loop's data, forward and loss, backward (DDP's all-reduce
              included), step and validation, and the time the Learner spends in its CPU group's collectives (the
              stop votes, the final votes at each phase's end, the gathers of sums and metric states, the
-             broadcasts of the epoch's order)
+             broadcasts of the epoch's order), and what one blocking round on that group costs here
 
   --pin      each process and its gloo threads on a core of their own (both contenders alike): slower epochs,
              but far less noise from where the scheduler puts the threads (the hand-written loop against itself:
              1.00 and 1.01 pinned, 1.05 and 1.13 not)
 
-Usage: python benchmarks/ddp.py [--rounds 15] [--epochs 4] [--width 64] [--parts] [--pin]   (starts torchrun itself)
+Usage: python benchmarks/ddp.py [--rounds 30] [--epochs 6] [--width 64] [--parts] [--pin]   (starts torchrun itself)
 Goal: learner/plain <= 1.05.
 """
 import argparse
@@ -108,14 +112,15 @@ def plain_parts(epochs, train_ds, valid_ds, width) -> dict:
 
 def learner_collectives(epochs, train_ds, valid_ds, width) -> dict:
     """A Learner fit once more, with the time it spends in its CPU group's collectives: `{kind: (ms, calls)}` per
-    epoch over epochs 2 to `epochs`. `vote_stop` runs after every training batch and sends a vote about every 0.25 s."""
+    epoch over epochs 2 to `epochs`. `_send_vote` sends a training vote about every 0.25 s (the batches between count
+    towards it and send nothing)."""
     from nbloop.core import Callback
     from nbloop.distributed import DistributedRuntime
     spent = collections.defaultdict(lambda: [0., 0])
     class Warm(Callback):
         def before_epoch(self, learn):
             if learn.epoch == 1: spent.clear()          # the first epoch (and its end's vote) warms up
-    originals = {n: getattr(DistributedRuntime, n) for n in ('vote_stop', 'final_vote', 'gather', 'broadcast')}
+    originals = {n: getattr(DistributedRuntime, n) for n in ('_send_vote', 'final_vote', 'gather', 'broadcast')}
     def timed(f, name):
         def run(*args, **kwargs):
             t = time.perf_counter()
@@ -127,6 +132,20 @@ def learner_collectives(epochs, train_ds, valid_ds, width) -> dict:
     finally:
         for name, f in originals.items(): setattr(DistributedRuntime, name, f)
     return {k: (ms * 1000 / (epochs - 1), n / (epochs - 1)) for k, (ms, n) in spent.items()}
+
+
+def round_latency(n: int = 100) -> tuple[float, float]:
+    """What one blocking round on nbloop's CPU group costs here when both processes are already waiting for it: the
+    median and 90th percentile, in ms, of `n` all-reduces of five integers (a stop vote's size)."""
+    import torch.distributed as dist
+    from nbloop.launch import side_group
+    group, flag, times = side_group(), torch.zeros(5, dtype=torch.int64), []
+    for _ in range(n):
+        t = time.perf_counter()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[n // 2] * 1000, times[n * 9 // 10] * 1000
 
 
 def worker(args):
@@ -146,6 +165,7 @@ def worker(args):
         with redirect_stdout(io.StringIO()):
             plain = plain_parts(args.epochs, *distributed_datasets(), args.width)
             side = learner_collectives(args.epochs, *distributed_datasets(), args.width)
+            latency = round_latency()
     if dist.get_rank() == 0:
         print(f'torch {torch.__version__}, torchrun, 2 processes, gloo, one thread each{", pinned" if args.pin else ""}; MLP 32->{args.width}->10, '
               f'12.8k + 3.2k samples, batch 32 per process; {args.rounds} interleaved rounds, rank 0, ms per epoch '
@@ -157,14 +177,16 @@ def worker(args):
             print('  the hand-written loop: ' + ', '.join(f'{k} {v:.1f}' for k, v in plain.items()))
             print('  the Learner, in its CPU group\'s collectives: ' + ', '.join(
                 f'{k} {ms:.1f} ({n:.0f} calls)' for k, (ms, n) in side.items()) + f'; in all {sum(ms for ms, _ in side.values()):.1f}')
+            print(f'  one blocking round on the CPU group, both processes waiting for it: median {latency[0]:.2f} ms, '
+                  f'90th percentile {latency[1]:.2f} ms')
     from nbloop.launch import destroy_distributed
     destroy_distributed()     # nbloop's way out: its CPU group forgotten, gloo's threads given time to finish
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--rounds', type=int, default=15)
-    ap.add_argument('--epochs', type=int, default=4)
+    ap.add_argument('--rounds', type=int, default=30)
+    ap.add_argument('--epochs', type=int, default=6)
     ap.add_argument('--width', type=int, default=64, help='hidden width of the MLP (64: the job; 512: real work dominates)')
     ap.add_argument('--parts', action='store_true', help='also time the parts of the difference (see above)')
     ap.add_argument('--pin', action='store_true', help='each process on a core of its own (less noise, slower epochs)')
