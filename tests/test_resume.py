@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import env_for_subprocess
+from conftest import ROOT, env_for_subprocess
 from nbloop.ckpt_format import list_checkpoints, load_state, save_state
 
 JOB = Path(__file__).with_name('resume_job.py')
@@ -295,21 +295,49 @@ def test_checkpoints_of_every_header_length_read_back(tmp_path):
 
 # -- checkpoints written before the redesign (issue 15) still resume, bit for bit ----------------------------------
 OLD = Path(__file__).parent / 'fixtures' / 'old_checkpoints'
+OLD_COMMIT = '7671fce'     # the last commit before the redesign changed the checkpoint's layout
 
 
-@pytest.mark.parametrize('name', sorted(p.name for p in OLD.glob('ckpt-*.safetensors')))
-def test_a_checkpoint_of_the_older_layout_resumes_to_the_older_uninterrupted_run(name, tmp_path):
-    """An older nbloop wrote these (see tests/fixtures/old_checkpoints/README.md: mixed precision with a grad scaler,
-    accumulation and early stopping, whose states were callbacks' then). Today's code resumes each and ends where
-    the older code's uninterrupted run ended: the same weights and history, bit for bit."""
+@pytest.fixture(scope='module')
+def older_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The older code's run (tests/fixtures/old_checkpoints/make.py): its checkpoints' folder and its reference.
+    The older nbloop comes from git history and runs here, on this machine: float16 matmuls and SGD steps round
+    differently on other CPUs (the stored fixtures, written on another machine, end one rounding apart on an Intel
+    Xeon with AVX-512 FP16, with the older code itself). Without git history (a source archive): the stored ones."""
+    import io, tarfile
+    out = tmp_path_factory.mktemp('older')
+    try:
+        tar = subprocess.run(['git', '-C', str(ROOT), 'archive', OLD_COMMIT, 'nbloop'],
+                             capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f'no git history of {OLD_COMMIT} ({e}): resuming the stored checkpoints, written on another machine')
+        return OLD, OLD / 'reference.safetensors'
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t: t.extractall(out / 'src', filter='data')
+    env = dict(os.environ, PYTHONPATH=str(out / 'src'))
+    p = subprocess.run([sys.executable, str(OLD / 'make.py'), str(out)], cwd=out, env=env, capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert Path(p.stdout.split()[-1]) == out / 'src' / 'nbloop', f'make.py ran another nbloop: {p.stdout}'
+    return out / 'checkpoints', out / 'reference.safetensors'
+
+
+@pytest.mark.parametrize('step', [4, 6, 8], ids=['step4-in-epoch0', 'step6-end-of-epoch0', 'step8-in-epoch1'])
+def test_a_checkpoint_of_the_older_layout_resumes_to_the_older_uninterrupted_run(step, older_run, tmp_path):
+    """The older nbloop (commit 7671fce; see tests/fixtures/old_checkpoints/README.md) ran a fit with mixed precision
+    and a grad scaler, accumulation and early stopping, whose states were callbacks' then. Today's code resumes
+    its checkpoints of steps 4, 6 and 8, and ends where the older code's uninterrupted run ended: the same weights and
+    history, bit for bit."""
     import io, shutil, warnings
     from contextlib import redirect_stdout
     from nbloop.all import (accuracy, CheckpointCallback, CSVLogger, EarlyStopping, GradientAccumulation,
                             MixedPrecision)
     from nbloop.learner import synth_learner
+    folder, reference = older_run
+    found = sorted(folder.glob(f'ckpt-step{step:09d}-*.safetensors'))
+    assert len(found) == 1, f'the older run wrote {[p.name for p in found]} at step {step}'
     (tmp_path / 'checkpoints').mkdir()
-    path = tmp_path / 'checkpoints' / name
-    shutil.copyfile(OLD / name, path)
+    path = tmp_path / 'checkpoints' / found[0].name
+    shutil.copyfile(found[0], path)
     learn = synth_learner(n_classes=3, metrics=[accuracy], path=tmp_path,
                           cbs=[CheckpointCallback(every_n_steps=4, keep_last=None, save_best=False),
                                MixedPrecision(torch.float16), GradientAccumulation(2), EarlyStopping(patience=5), CSVLogger()])
@@ -318,6 +346,6 @@ def test_a_checkpoint_of_the_older_layout_resumes_to_the_older_uninterrupted_run
         learn.fit(3, resume=path)
     assert learn.resumed_from == path
     assert not [str(w.message) for w in caught if 'starts fresh' in str(w.message)], 'a callback lost its state'
-    ref = load_state(OLD / 'reference.safetensors')
+    ref = load_state(reference)
     for k, v in ref['model'].items(): assert torch.equal(v, learn.model.state_dict()[k]), k
     assert [{k: v for k, v in r.items() if k != 'time'} for r in learn.recorder.history] == ref['history']
