@@ -47,6 +47,7 @@ def _cpu(part: dict) -> dict:
 
 # %% ../nbs/05a_distributed.ipynb #66a85f67
 _FIRST_ROUND = 1 << 16   # bytes a gather (all processes' boxes together) or a broadcast sends in its first round
+_VOTE_BOX = 512           # bytes of each process's box in a final vote: its stop, its cancels and a phase's sums
 
 def _padded(data: bytes, size: int) -> torch.Tensor:
     "A byte tensor of `size` bytes: `data` (at most `size` bytes of it), then zeros."
@@ -68,13 +69,18 @@ def _unboxed(box: torch.Tensor, capacity: int, rest: torch.Tensor | None) -> Any
     data = box[8:8 + min(n, capacity)].numpy().tobytes()
     return pickle.loads(data + rest[:n - capacity].numpy().tobytes() if n > capacity else data)
 
-def _gather(obj: Any, world_size: int, group) -> list:
+def _gather(obj: Any, world_size: int, group,
+            capacity: int | None = None,   # Bytes of each process's box (None: its share of `_FIRST_ROUND`)
+            timeout: float | None = None,  # Seconds to wait for the others in the first round (None: no limit)
+            ) -> list:
     """Every process's `obj`, pickled, in one all-gather of fixed-size boxes when they all fit (sums, votes, metric
     states, a part of a few kB), and a second all-gather for what did not fit: `all_gather_object` always takes two
     rounds (the sizes, then the data), and on a CPU group each round is a wait of its own."""
-    data, capacity = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), max(1024, _FIRST_ROUND // world_size)
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    capacity = capacity or max(1024, _FIRST_ROUND // world_size)
     boxes = [torch.empty(8 + capacity, dtype=torch.uint8) for _ in range(world_size)]
-    dist.all_gather(boxes, _boxed(data, capacity), group=group)
+    work = dist.all_gather(boxes, _boxed(data, capacity), group=group, async_op=True)
+    work.wait(datetime.timedelta(seconds=timeout)) if timeout else work.wait()
     longest = max(map(_length, boxes))
     rests = [None] * world_size
     if longest > capacity:                 # every process saw the same lengths: all take the second round
@@ -168,11 +174,10 @@ class DistributedRuntime(Runtime):
         return tuple(map(sum, zip(*self.gather(values))))
 
     def sync_metric(self,
-                    metric,        # A metric with accumulated state (see `metrics.Metric.sync`)
-                    gather=None,   # The gather to sync through (None: `self.gather`): the Recorder's carries its sums
+                    metric,   # A metric with accumulated state (see `metrics.Metric.sync`)
                     ) -> None:
         "Combine every process's accumulated state of `metric` before it computes (`metric.sync(gather)`)."
-        metric.sync(gather or self.gather)
+        metric.sync(self.gather)
 
     def barrier(self) -> None:
         "Wait until every process gets here (on the CPU group)."
@@ -238,19 +243,22 @@ def final_vote(self: DistributedRuntime,
                tally: tuple = (0, 0),         # This process's cancels: their count, and `RunState.cancel_mark`
                timeout: float | None = None,  # Seconds to wait for the others' vote (None: as long as it takes)
                ) -> str | None:
-    "The pending vote collected, then one blocking vote: the stop every process agrees on at the end of a phase."
+    """The pending vote collected, then one blocking vote: the stop every process agrees on at the end of a phase.
+    It carries this process's `phase_part()` when one is set (the Recorder's sums of the phase), so that they need
+    no round of their own: `phase_parts` then holds every process's."""
     if self._vote is not None:
         self._vote[0].wait()
         self._vote = None
     self._since, self._clock = 0, time.perf_counter()     # the next phase counts afresh, at the period last agreed
-    flag = torch.tensor([_STOPS.index(local), 1, tally[0], -tally[0], tally[1]], dtype=torch.int64)
-    work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-    try: work.wait(datetime.timedelta(seconds=timeout)) if timeout else work.wait()
+    part = self.phase_part() if self.phase_part is not None else None
+    try: votes = _gather(((_STOPS.index(local), *tally), part), self.world_size, self.group, _VOTE_BOX, timeout)
     except RuntimeError:                # gloo's "timed out": the others never came to this vote
         if timeout: return 'timeout'
         raise
-    code, _, most, fewest, self.disagreed = flag.tolist()
-    return _STOPS[code] if most == -fewest else 'mismatch'
+    if part is not None: self.phase_parts = [p for _, p in votes]
+    codes, counts, marks = zip(*(flag for flag, _ in votes))
+    self.disagreed = max(marks)
+    return _STOPS[max(codes)] if min(counts) == max(counts) else 'mismatch'
 
 # %% ../nbs/05a_distributed.ipynb #052d8945
 @patch

@@ -5,6 +5,7 @@
 # %% ../nbs/06a_recorder.ipynb #8f6aaa4a
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import sys
@@ -203,31 +204,25 @@ def running_values(self: Recorder,
     return vals
 
 # %% ../nbs/06a_recorder.ipynb #c7de3b62
-class _Carried:
-    """A gather that carries `extra` along with the first object gathered through it, so that both travel in one
-    round (with several processes each round is a wait): the phase's sums ride with the first metric's state."""
-    def __init__(self, gather: Callable, extra: Any): self.gather, self.extra, self.extras = gather, extra, None
-    def __call__(self, obj: Any) -> list:
-        if self.extras is not None: return self.gather(obj)
-        parts = self.gather((self.extra, obj))
-        self.extras = [e for e, _ in parts]
-        return [o for _, o in parts]
-    def carried(self) -> list:
-        "Every process's `extra`: gathered now unless it travelled already."
-        if self.extras is None: self.extras = self.gather(self.extra)
-        return self.extras
-
-def _phase_means(learn, rec: Recorder, training: bool,
-                 sums: tuple[float, int],   # This process's (sum of losses, count) for the phase
-                 sync: Callable | None = None,   # `sync(gather)` syncs the metrics through a gather that carries the sums
-                 ) -> tuple[float, dict[str, float]]:
-    """The phase's loss, the mean over every process's samples, and `train_<name>` (or `valid_<name>`) for what
-    `learn.log` gave in its batches, means likewise: both in one gather, which the first metric's sync carries."""
+def _phase_part(rec: Recorder, training: bool) -> tuple:
+    """This process's part of the phase's means: the sum of its losses and its samples, and per name that `learn.log`
+    gave in its batches, [sum, samples]. With several processes it travels with the phase's end vote."""
     rec.flush()
-    logged, rec._log_sums[training] = rec._log_sums[training], {}
-    share = _Carried(learn.runtime.gather, (sums, logged))
-    if sync is not None: sync(share)
-    parts = share.carried()                            # every process's (with one, its own): the names may differ
+    return (rec._train_sums() if training else rec._valid_sums()), rec._log_sums[training]
+
+def _carried_by_vote(rec: Recorder, learn, training: bool) -> None:
+    "At a phase's start: its part will travel with its end vote (see `Runtime.phase_part`); a stand-in learner has no runtime."
+    runtime = getattr(learn, 'runtime', None)
+    if runtime is not None: runtime.phase_part, runtime.phase_parts = functools.partial(_phase_part, rec, training), None
+
+def _phase_means(learn, rec: Recorder, training: bool) -> tuple[float, dict[str, float]]:
+    """The phase's loss, the mean over every process's samples, and `train_<name>` (or `valid_<name>`) for what
+    `learn.log` gave in its batches, means likewise: from every process's part, which the phase's end vote carried
+    (`runtime.phase_parts`), else gathered now (one process; a phase that a cancel ended)."""
+    runtime = learn.runtime
+    parts = runtime.phase_parts if runtime.phase_parts is not None else runtime.gather(_phase_part(rec, training))
+    runtime.phase_part = runtime.phase_parts = None
+    rec._log_sums[training] = {}
     loss, n = map(sum, zip(*(s for s, _ in parts)))
     total: dict = {}
     for _, part in parts:
@@ -238,15 +233,16 @@ def _phase_means(learn, rec: Recorder, training: bool,
 @patch
 def after_train(self: Recorder, learn):
     "Start the epoch's row with its training loss (the mean over every process's samples), and the values logged in it."
-    loss, logged = _phase_means(learn, self, True, self._train_sums())
+    loss, logged = _phase_means(learn, self, True)
     learn.state.row = {'epoch': learn.epoch, 'train_loss': loss, **logged}
     self._epoch_start, self._sizes = len(self._losses), []
 
 # %% ../nbs/06a_recorder.ipynb #7f205675
 @patch
 def before_validate(self: Recorder, learn):
-    "Reset the validation loss and the metrics (a wrapped object moves to the learner's device)."
+    "Reset the validation loss and the metrics (a wrapped object moves to the learner's device); its sums will travel with its end vote."
     self._valid, self._valid_sizes, self._log_sums[False] = [], [], {}
+    _carried_by_vote(self, learn, False)
     for m in self.metrics:
         if isinstance(m, ObjectMetric): m.to(learn.device)
         m.reset()
@@ -254,18 +250,16 @@ def before_validate(self: Recorder, learn):
 # %% ../nbs/06a_recorder.ipynb #4efc2669
 @patch
 def after_validate(self: Recorder, learn):
-    "The validation loss and every metric (each synced over the processes first, the first with the loss's sums): `values`."
-    values = {}
-    def sync(gather):
-        for m in self.metrics:
-            try:
-                learn.runtime.sync_metric(m, gather)
-                values[m.name] = m.compute()
-            except MetricError: raise
-            except Exception as e:
-                raise MetricError(f"metric '{m.name}' raised {type(e).__name__} when computing its value at the end "
-                                  f"of validation (after_validate): {e}") from e
-    loss, logged = _phase_means(learn, self, False, self._valid_sums(), sync)
+    "The validation loss and every metric, each over every process's samples (synced first): `values`."
+    loss, logged, values = *_phase_means(learn, self, False), {}
+    for m in self.metrics:
+        try:
+            learn.runtime.sync_metric(m)
+            values[m.name] = m.compute()
+        except MetricError: raise
+        except Exception as e:
+            raise MetricError(f"metric '{m.name}' raised {type(e).__name__} when computing its value at the end "
+                              f"of validation (after_validate): {e}") from e
     self.values = {'valid_loss': loss, **values, **logged}
     self._valid, self._valid_sizes = [], []
 
@@ -355,8 +349,10 @@ class RecorderView:
 # %% ../nbs/06a_recorder.ipynb #0db749f8
 @patch
 def before_train(self: Recorder, learn):
-    "Note the training step before the epoch's first batch: a value logged in batch `i` is at step `base + i + 1`."
+    """Note the training step before the epoch's first batch: a value logged in batch `i` is at step `base + i + 1`;
+    the phase's sums will travel with its end vote (`_phase_part`)."""
     self._epoch_base = learn.train_iter - (learn.iter + 1)
+    _carried_by_vote(self, learn, True)
 
 # %% ../nbs/06a_recorder.ipynb #c5a1e7f3
 @patch

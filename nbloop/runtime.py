@@ -64,6 +64,8 @@ class Runtime:
         self.accumulated = 0                 # training batches whose gradients wait for the next step
         self.steps, self._size, self._unscaled = True, 1, False
         self.model: torch.nn.Module | None = None
+        self.phase_part: Callable[[], Any] | None = None   # this process's part of what a phase sums over processes
+        self.phase_parts: list | None = None               # every process's, when a stop vote carried them (several)
 
     @property
     def rank(self) -> int: return get_rank()
@@ -381,7 +383,6 @@ def sum_over_processes(self: Runtime,
 @patch
 def sync_metric(self: Runtime,
                 metric,         # A metric with accumulated state (see `metrics.Metric.sync`)
-                gather=None,    # The gather to sync through (None: `self.gather`); see `DistributedRuntime`
                 ) -> None:
     "Combine every process's accumulated state of `metric` before it computes: here, nothing to combine."
 
