@@ -38,9 +38,9 @@ def _as_float(value: Any, name: str, what: str) -> float:
     except (TypeError, ValueError):
         raise MetricError(f"metric '{name}' {what} {describe(value)}; a metric must give one number") from None
 
-def _summed(gather: Callable[[Any], list], *values) -> tuple:
-    "Each of `values` summed over every process (`gather(obj)` returns every process's `obj`, in rank order)."
-    return tuple(map(sum, itertools.zip_longest(*gather(values), fillvalue=0)))   # a count some processes lack: 0
+def _summed(parts: list) -> tuple:
+    "Every process's part (a tuple of numbers) summed, number by number."
+    return tuple(map(sum, itertools.zip_longest(*parts, fillvalue=0)))   # a count some processes lack: 0
 
 # %% ../nbs/06_metrics.ipynb #fb0496a5
 class Metric:
@@ -62,12 +62,25 @@ class Metric:
                ) -> None:
         raise NotImplementedError
     def compute(self) -> float: raise NotImplementedError
+    def part(self) -> Any:
+        "What this process contributes when the processes combine (picklable; see `merge`)."
+        raise NotImplementedError
+    def merge(self,
+              parts: list,   # Every process's `part()`, in rank order
+              ) -> None:
+        "Combine every process's part into this metric's state, before `compute`."
+        raise NotImplementedError
+    @property
+    def merges(self) -> bool:
+        "Whether it syncs as `merge(gather(part()))` (it defines `merge`, and no `sync` of its own)."
+        return type(self).merge is not Metric.merge and type(self).sync is Metric.sync
     def sync(self,
              gather: Callable[[Any], list],   # A function: `gather(obj)` returns every process's `obj`, in rank order
              ) -> None:
         """With several processes, combine every process's accumulated state before `compute` (the Recorder calls
         it at the end of validation); `gather(obj)` returns every process's `obj`. Subclasses that accumulate define
-        it; this one warns that the value is this process's alone."""
+        it, or `part` and `merge`; without them, it warns that the value is this process's alone."""
+        if self.merges: return self.merge(gather(self.part()))
         warnings.warn(f"metric '{self.name}' ({type(self).__name__}) has no sync method, so with several processes "
                       f"its value covers this process's share of the validation data only; define sync(gather) to "
                       f"combine the processes' states")
@@ -117,10 +130,8 @@ class AvgMetric(Metric):
     def compute(self) -> float:
         # sync point: once per epoch
         return float(self.total / self.count) if self.count else math.nan
-    def sync(self,
-             gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
-             ):
-        self.total, self.count = _summed(gather, float(self.total), int(self.count))
+    def part(self) -> tuple: return float(self.total), int(self.count)
+    def merge(self, parts: list): self.total, self.count = _summed(parts)
 
 # %% ../nbs/06_metrics.ipynb #66ce4c4f
 class ObjectMetric(Metric):
@@ -182,11 +193,10 @@ class CountMetric(Metric):
         if not self.counted: return math.nan
         hits, total, *unread = _count_sums(self.counted)     # sync point: once per epoch
         return hits / total if total and not any(unread) else math.nan   # Python ints: one rounding
-    def sync(self,
-             gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
-             ):
+    def part(self) -> list:
         self._fold()
-        self.counted = [_summed(gather, *_count_sums(self.counted))]   # no batches here: 0 of 0
+        return _count_sums(self.counted)
+    def merge(self, parts: list): self.counted = [_summed(parts)]   # no batches here: 0 of 0
 
 def _count_sums(counted: list) -> list:
     "The sums of a metric's per-batch counts (tensors on the device, summed there, or numbers), with one sync."
@@ -214,13 +224,13 @@ class EpochMetric(Metric):
     def compute(self) -> float:
         if not self.preds: return math.nan
         return _as_float(self.fn(torch.cat(self.preds), torch.cat(self.targs)), self.name, 'returned')
-    def sync(self,
-             gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
-             ):
-        "Every process's predictions and targets, in rank order (copied through the CPU)."
+    def part(self) -> tuple | None:
+        "This process's predictions and targets, on the CPU (None without any)."
+        return (torch.cat(self.preds).cpu(), torch.cat(self.targs).cpu()) if self.preds else None
+    def merge(self, parts: list):
+        "Every process's predictions and targets, in rank order."
         device = self.preds[0].device if self.preds else None
-        mine = (torch.cat(self.preds).cpu(), torch.cat(self.targs).cpu()) if self.preds else None
-        parts = [p for p in gather(mine) if p is not None]
+        parts = [p for p in parts if p is not None]
         self.preds = [p.to(device) if device is not None else p for p, _ in parts]
         self.targs = [t.to(device) if device is not None else t for _, t in parts]
 
@@ -328,10 +338,9 @@ class MatthewsCorrCoef(Metric):
         c, s = cm.trace(), cm.sum()
         denom = ((s * s - (p * p).sum()) * (s * s - (t * t).sum())).sqrt()
         return 0. if denom == 0 else float((c * s - (p * t).sum()) / denom)
-    def sync(self,
-             gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
-             ):
-        parts = [c for c in gather(None if self.confusion is None else self.confusion.cpu()) if c is not None]
+    def part(self) -> torch.Tensor | None: return None if self.confusion is None else self.confusion.cpu()
+    def merge(self, parts: list):
+        parts = [c for c in parts if c is not None]
         if parts: self.confusion = torch.stack(parts).sum(0)
 
 # %% ../nbs/06_metrics.ipynb #5a2ad07e
@@ -357,10 +366,8 @@ class Perplexity(Metric):
     def compute(self) -> float:
         count = int(self.count)   # sync point: once per epoch
         return math.exp(float(self.total) / count) if count else math.nan
-    def sync(self,
-             gather,   # A function: `gather(obj)` returns every process's `obj`, in rank order
-             ):
-        self.total, self.count = _summed(gather, float(self.total), int(self.count))
+    def part(self) -> tuple: return float(self.total), int(self.count)
+    def merge(self, parts: list): self.total, self.count = _summed(parts)
 
 # %% ../nbs/06_metrics.ipynb #6cf577c8
 _SK_PROBS = {'roc_auc_score', 'average_precision_score', 'log_loss', 'brier_score_loss', 'top_k_accuracy_score'}

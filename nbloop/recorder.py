@@ -204,36 +204,55 @@ def running_values(self: Recorder,
     return vals
 
 # %% ../nbs/06a_recorder.ipynb #c7de3b62
-def _phase_part(rec: Recorder, training: bool) -> tuple:
-    """This process's part of the phase's means: the sum of its losses and its samples, and per name that `learn.log`
-    gave in its batches, [sum, samples]. With several processes it travels with the phase's end vote."""
+def _metric_failed(m: Metric, e: Exception) -> MetricError:
+    return MetricError(f"metric '{m.name}' raised {type(e).__name__} when computing its value at the end of validation "
+                       f"(after_validate): {e}")
+
+def _metric_parts(rec: Recorder) -> list:
+    "The parts of the metrics that merge (`Metric.merges`), in order."
+    parts = []
+    for m in rec._metrics:
+        if not m.merges: continue
+        try: parts.append(m.part())
+        except MetricError: raise
+        except Exception as e: raise _metric_failed(m, e) from e
+    return parts
+
+def _phase_part(rec: Recorder, training: bool, metrics: bool = False) -> tuple:
+    """This process's part of the phase's means: the sum of its losses and its samples, per name that `learn.log`
+    gave in its batches [sum, samples], and with `metrics` the parts of the metrics that merge (else None). With
+    several processes it travels with the phase's end vote (with the metrics' parts: validation's)."""
     rec.flush()
-    return (rec._train_sums() if training else rec._valid_sums()), rec._log_sums[training]
+    sums = rec._train_sums() if training else rec._valid_sums()
+    return sums, rec._log_sums[training], _metric_parts(rec) if metrics else None
 
 def _carried_by_vote(rec: Recorder, learn, training: bool) -> None:
     "At a phase's start: its part will travel with its end vote (see `Runtime.phase_part`); a stand-in learner has no runtime."
     runtime = getattr(learn, 'runtime', None)
-    if runtime is not None: runtime.phase_part, runtime.phase_parts = functools.partial(_phase_part, rec, training), None
+    if runtime is None: return
+    runtime.phase_part, runtime.phase_parts = functools.partial(_phase_part, rec, training, not training), None
 
-def _phase_means(learn, rec: Recorder, training: bool) -> tuple[float, dict[str, float]]:
+def _phase_means(learn, rec: Recorder, training: bool) -> tuple[float, dict[str, float], list | None]:
     """The phase's loss, the mean over every process's samples, and `train_<name>` (or `valid_<name>`) for what
     `learn.log` gave in its batches, means likewise: from every process's part, which the phase's end vote carried
-    (`runtime.phase_parts`), else gathered now (one process; a phase that a cancel ended)."""
+    (`runtime.phase_parts`), else gathered now (one process; a phase that a cancel ended). Third, the metrics'
+    parts that travelled with the vote, per process (else None)."""
     runtime = learn.runtime
     parts = runtime.phase_parts if runtime.phase_parts is not None else runtime.gather(_phase_part(rec, training))
     runtime.phase_part = runtime.phase_parts = None
     rec._log_sums[training] = {}
-    loss, n = map(sum, zip(*(s for s, _ in parts)))
+    loss, n = map(sum, zip(*(s for s, _, _ in parts)))
     total: dict = {}
-    for _, part in parts:
+    for _, part, _ in parts:
         for name, (v, k) in part.items(): total[name] = [a + b for a, b in zip(total.get(name, [0., 0]), (v, k))]
     phase = 'train' if training else 'valid'
-    return loss / n if n else math.nan, {f'{phase}_{name}': v / k if k else math.nan for name, (v, k) in total.items()}
+    means = {f'{phase}_{name}': v / k if k else math.nan for name, (v, k) in total.items()}
+    return loss / n if n else math.nan, means, None if parts[0][2] is None else [m for _, _, m in parts]
 
 @patch
 def after_train(self: Recorder, learn):
     "Start the epoch's row with its training loss (the mean over every process's samples), and the values logged in it."
-    loss, logged = _phase_means(learn, self, True)
+    loss, logged, _ = _phase_means(learn, self, True)
     learn.state.row = {'epoch': learn.epoch, 'train_loss': loss, **logged}
     self._epoch_start, self._sizes = len(self._losses), []
 
@@ -250,16 +269,17 @@ def before_validate(self: Recorder, learn):
 # %% ../nbs/06a_recorder.ipynb #4efc2669
 @patch
 def after_validate(self: Recorder, learn):
-    "The validation loss and every metric, each over every process's samples (synced first): `values`."
-    loss, logged, values = *_phase_means(learn, self, False), {}
+    """The validation loss and every metric, each over every process's samples: `values`. The metrics that merge
+    take every process's part from the end vote, when it carried them; the others sync (`learn.runtime.sync_metric`)."""
+    loss, logged, merged = _phase_means(learn, self, False)
+    carried, values = iter(zip(*merged)) if merged is not None else None, {}    # per metric that merges: every process's
     for m in self.metrics:
         try:
-            learn.runtime.sync_metric(m)
+            if carried is not None and m.merges: m.merge(list(next(carried)))
+            else: learn.runtime.sync_metric(m)
             values[m.name] = m.compute()
         except MetricError: raise
-        except Exception as e:
-            raise MetricError(f"metric '{m.name}' raised {type(e).__name__} when computing its value at the end "
-                              f"of validation (after_validate): {e}") from e
+        except Exception as e: raise _metric_failed(m, e) from e
     self.values = {'valid_loss': loss, **values, **logged}
     self._valid, self._valid_sizes = [], []
 
@@ -550,6 +570,7 @@ class TinyLearner(CallbackHost, RunStateView, RecorderView):
             if training: self._step()
             self._fire('after_batch')
             self.state.count_batch()
+        self.runtime.check_stop(self.state, end=True)          # the phase's end: with several processes, a vote
         self.state.end_phase()
         self._fire('after_train' if training else 'after_validate')
 
