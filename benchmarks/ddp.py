@@ -24,7 +24,8 @@ cores), and with 15 rounds of 4 epochs the median ratio moved from 1.01 to 1.10 
              each, where an epoch goes: the hand-written loop's data, forward and loss, backward (DDP's all-reduce
              included), step and validation, and the time the Learner spends in its CPU group's collectives (the
              stop votes, the final votes at each phase's end, the gathers of sums and metric states, the
-             broadcasts of the epoch's order), and what one blocking round on that group costs here
+             broadcasts of the epoch's order), what one blocking round on that group costs here, and the CPU time
+             of each thread (the main one, gloo's) in one fit of each
 
   --pin      each process and its gloo threads on a core of their own (both contenders alike): slower epochs,
              but far less noise from where the scheduler puts the threads (the hand-written loop against itself:
@@ -134,6 +135,24 @@ def learner_collectives(epochs, train_ds, valid_ds, width) -> dict:
     return {k: (ms * 1000 / (epochs - 1), n / (epochs - 1)) for k, (ms, n) in spent.items()}
 
 
+def thread_cpu(f, epochs, train_ds, valid_ds, width) -> dict:
+    """One more fit of contender `f`: the CPU time of this process's threads, by name, in ms per epoch (the main
+    thread, gloo's loop and worker threads of both groups), read from /proc/self/task/*/schedstat (Linux)."""
+    def cpu_by_thread():
+        out = {}
+        for tid in os.listdir('/proc/self/task'):
+            try: out[tid] = (open(f'/proc/self/task/{tid}/comm').read().strip(),
+                             int(open(f'/proc/self/task/{tid}/schedstat').read().split()[0]))
+            except OSError: pass                              # a thread that ended meanwhile
+        return out
+    before = cpu_by_thread()
+    f(epochs, train_ds, valid_ds, width, [])
+    spent = collections.Counter()
+    for tid, (name, ns) in cpu_by_thread().items():
+        spent['main' if tid == str(os.getpid()) else name] += (ns - before.get(tid, (name, 0))[1]) / 1e6 / epochs
+    return dict(spent)
+
+
 def round_latency(n: int = 100) -> tuple[float, float]:
     """What one blocking round on nbloop's CPU group costs here when both processes are already waiting for it: the
     median and 90th percentile, in ms, of `n` all-reduces of five integers (a stop vote's size)."""
@@ -166,6 +185,8 @@ def worker(args):
             plain = plain_parts(args.epochs, *distributed_datasets(), args.width)
             side = learner_collectives(args.epochs, *distributed_datasets(), args.width)
             latency = round_latency()
+            threads = {k: thread_cpu(contenders[k], args.epochs, *distributed_datasets(), args.width)
+                       for k in ('plain', 'learner')} if os.path.isdir('/proc/self/task') else {}
     if dist.get_rank() == 0:
         print(f'torch {torch.__version__}, torchrun, 2 processes, gloo, one thread each{", pinned" if args.pin else ""}; MLP 32->{args.width}->10, '
               f'12.8k + 3.2k samples, batch 32 per process; {args.rounds} interleaved rounds, rank 0, ms per epoch '
@@ -179,6 +200,9 @@ def worker(args):
                 f'{k} {ms:.1f} ({n:.0f} calls)' for k, (ms, n) in side.items()) + f'; in all {sum(ms for ms, _ in side.values()):.1f}')
             print(f'  one blocking round on the CPU group, both processes waiting for it: median {latency[0]:.2f} ms, '
                   f'90th percentile {latency[1]:.2f} ms')
+            for k, spent in threads.items():   # wall time not spent on a CPU by any thread is waiting, for the other process
+                print(f'  CPU by thread, {k} (ms per epoch, one fit): ' + ', '.join(
+                    f'{name} {ms:.1f}' for name, ms in sorted(spent.items(), key=lambda kv: -kv[1]) if ms >= 0.05))
     from nbloop.launch import destroy_distributed
     destroy_distributed()     # nbloop's way out: its CPU group forgotten, gloo's threads given time to finish
 

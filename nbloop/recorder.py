@@ -209,7 +209,7 @@ def _metric_failed(m: Metric, e: Exception) -> MetricError:
                        f"(after_validate): {e}")
 
 def _metric_parts(rec: Recorder) -> list:
-    "The parts of the metrics that merge (`Metric.merges`), in order."
+    "The parts of the metrics that merge (whose `merges` is true), in order."
     parts = []
     for m in rec._metrics:
         if not m.merges: continue
@@ -370,7 +370,7 @@ class RecorderView:
 @patch
 def before_train(self: Recorder, learn):
     """Note the training step before the epoch's first batch: a value logged in batch `i` is at step `base + i + 1`;
-    the phase's sums will travel with its end vote (`_phase_part`)."""
+    the phase's sums will travel with its end vote."""
     self._epoch_base = learn.train_iter - (learn.iter + 1)
     _carried_by_vote(self, learn, True)
 
