@@ -27,11 +27,14 @@ cores), and with 15 rounds of 4 epochs the median ratio moved from 1.01 to 1.10 
              broadcasts of the epoch's order), what one blocking round on that group costs here, and the CPU time
              of each thread (the main one, gloo's) in one fit of each
 
+  --aa       also runs the hand-written loop a second time, as a contender of its own (plain2), and prints
+             plain2/plain: the same code against itself, so the spread that this machine's noise alone gives a ratio
+
   --pin      each process and its gloo threads on a core of their own (both contenders alike): slower epochs,
              but far less noise from where the scheduler puts the threads (the hand-written loop against itself:
              1.00 and 1.01 pinned, 1.05 and 1.13 not)
 
-Usage: python benchmarks/ddp.py [--rounds 30] [--epochs 6] [--width 64] [--parts] [--pin]   (starts torchrun itself)
+Usage: python benchmarks/ddp.py [--rounds 30] [--epochs 6] [--width 64] [--parts] [--aa] [--pin]   (starts torchrun itself)
 Goal: learner/plain <= 1.05.
 """
 import argparse
@@ -176,6 +179,7 @@ def worker(args):
     from common import distributed_datasets, distributed_rounds, report
     from overhead import report_parts
     contenders = {'plain': plain_ddp, 'learner': learner}
+    if args.aa: contenders['plain2'] = plain_ddp
     if args.parts:
         contenders['nometrics'] = lambda *a: learner(*a, metrics=False)
         contenders['bare'] = lambda *a: learner(*a, metrics=False, bare=True)
@@ -191,7 +195,8 @@ def worker(args):
         print(f'torch {torch.__version__}, torchrun, 2 processes, gloo, one thread each{", pinned" if args.pin else ""}; MLP 32->{args.width}->10, '
               f'12.8k + 3.2k samples, batch 32 per process; {args.rounds} interleaved rounds, rank 0, ms per epoch '
               f'(epochs 2..{args.epochs} of each fit):')
-        report(wall, cpu, [('learner', 'plain', '<= 1.05')])
+        report(wall, cpu, [('learner', 'plain', '<= 1.05')] +
+               ([('plain2', 'plain', None)] if args.aa else []))
         if args.parts:
             report_parts(wall, 'plain')
             print('where an epoch goes, in one more fit of each (rank 0, ms per epoch):')
@@ -213,6 +218,7 @@ def main():
     ap.add_argument('--epochs', type=int, default=6)
     ap.add_argument('--width', type=int, default=64, help='hidden width of the MLP (64: the job; 512: real work dominates)')
     ap.add_argument('--parts', action='store_true', help='also time the parts of the difference (see above)')
+    ap.add_argument('--aa', action='store_true', help='also run the hand-written loop against itself (the noise)')
     ap.add_argument('--pin', action='store_true', help='each process on a core of its own (less noise, slower epochs)')
     ap.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,7 +226,7 @@ def main():
     if args.rounds < 2: ap.error('--rounds must be at least 2 (quartiles need two)')
     if args.worker: return worker(args)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(Path(__file__).resolve()),
-           '--worker', '--rounds', str(args.rounds), '--epochs', str(args.epochs), '--width', str(args.width)] + (['--parts'] if args.parts else []) + (['--pin'] if args.pin else [])
+           '--worker', '--rounds', str(args.rounds), '--epochs', str(args.epochs), '--width', str(args.width)] + (['--parts'] if args.parts else []) + (['--aa'] if args.aa else []) + (['--pin'] if args.pin else [])
     sys.exit(subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS='1')).returncode)
 
 

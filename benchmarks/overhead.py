@@ -17,11 +17,14 @@ Contenders:
              and the accuracy metric
   liveplot   (--liveplot) the same plus LivePlotCallback rendering to an off-screen canvas
 
+  --aa       also runs the hand-written loop a second time, as a contender of its own (plain2), and prints
+             plain2/plain: the same code against itself, so the spread that this machine's noise alone gives a ratio
+
   --parts    also times the hand-written loop without its accuracy line, the Learner without metrics, and the Learner
              without callbacks or metrics (bare), and prints the Learner's extra time split into the loop itself,
              its callbacks and its metric
 
-Usage: python benchmarks/overhead.py [--rounds 15] [--epochs 4] [--width 64] [--liveplot] [--floor] [--parts]
+Usage: python benchmarks/overhead.py [--rounds 15] [--epochs 4] [--width 64] [--liveplot] [--floor] [--aa] [--parts]
 Goal: learner/plain <= 1.03. Peers on the same job (issue 20): ignite 1.12, fastai 2.06, Lightning 2.63.
 """
 import argparse
@@ -116,6 +119,7 @@ def main():
     ap.add_argument('--width', type=int, default=64, help='hidden width of the MLP (64: the job; 512: real work dominates)')
     ap.add_argument('--liveplot', action='store_true', help='also time the Learner with LivePlotCallback')
     ap.add_argument('--floor', action='store_true', help="also time the hand-written loop that keeps the Learner's records")
+    ap.add_argument('--aa', action='store_true', help='also run the hand-written loop against itself (the noise)')
     ap.add_argument('--parts', action='store_true', help='also time the parts of the difference (see below)')
     args = ap.parse_args()
     if args.epochs < 2: ap.error('--epochs must be at least 2 (the first epoch is the warm-up)')
@@ -125,6 +129,7 @@ def main():
     e, w = args.epochs, args.width
     contenders = {'plain': lambda: per_epoch(lambda ends: plain_loop(e, train, valid, w, ends)),
                   'learner': lambda: per_epoch(lambda ends: learner_loop(e, train, valid, (), w, ends))}
+    if args.aa: contenders['plain2'] = contenders['plain']
     if args.floor: contenders['floor'] = lambda: per_epoch(lambda ends: floor_loop(e, train, valid, w, ends))
     if args.liveplot:
         contenders['liveplot'] = lambda: per_epoch(
@@ -137,7 +142,8 @@ def main():
     print(f'torch {torch.__version__}, one process, one thread; MLP 32->{w}->10, 16k + 4k samples, batch 64; '
           f'{args.rounds} interleaved rounds, ms per epoch (epochs 2..{e} of each fit):')
     report(wall, cpu, [('learner', 'plain', '<= 1.03')] + ([('floor', 'plain', None), ('learner', 'floor', None)]
-                       if args.floor else []) + ([('liveplot', 'learner', '<= 1.02')] if args.liveplot else []))
+                       if args.floor else []) + ([('liveplot', 'learner', '<= 1.02')] if args.liveplot else [])
+           + ([('plain2', 'plain', None)] if args.aa else []))
     if args.parts: report_parts(wall)
 
 
