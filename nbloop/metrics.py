@@ -366,8 +366,7 @@ class Perplexity(Metric):
     def compute(self) -> float:
         count = int(self.count)   # sync point: once per epoch
         return math.exp(float(self.total) / count) if count else math.nan
-    def part(self) -> tuple: return float(self.total), int(self.count)
-    def merge(self, parts: list): self.total, self.count = _summed(parts)
+    part, merge = AvgMetric.part, AvgMetric.merge     # a total and a count, summed over the processes, as there
 
 # %% ../nbs/06_metrics.ipynb #6cf577c8
 _SK_PROBS = {'roc_auc_score', 'average_precision_score', 'log_loss', 'brier_score_loss', 'top_k_accuracy_score'}
