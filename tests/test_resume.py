@@ -327,20 +327,17 @@ def test_a_checkpoint_of_the_older_layout_resumes_to_the_older_uninterrupted_run
     and a grad scaler, accumulation and early stopping, whose states were callbacks' then. Today's code resumes
     its checkpoints of steps 4, 6 and 8, and ends where the older code's uninterrupted run ended: the same weights and
     history, bit for bit."""
-    import io, shutil, warnings
+    import importlib.util, io, shutil, warnings
     from contextlib import redirect_stdout
-    from nbloop.all import (accuracy, CheckpointCallback, CSVLogger, EarlyStopping, GradientAccumulation,
-                            MixedPrecision)
-    from nbloop.learner import synth_learner
+    spec = importlib.util.spec_from_file_location('old_checkpoints_make', OLD / 'make.py')
+    make = importlib.util.module_from_spec(spec); spec.loader.exec_module(make)   # its recipe, with today's nbloop
     folder, reference = older_run
     found = sorted(folder.glob(f'ckpt-step{step:09d}-*.safetensors'))
     assert len(found) == 1, f'the older run wrote {[p.name for p in found]} at step {step}'
     (tmp_path / 'checkpoints').mkdir()
     path = tmp_path / 'checkpoints' / found[0].name
     shutil.copyfile(found[0], path)
-    learn = synth_learner(n_classes=3, metrics=[accuracy], path=tmp_path,
-                          cbs=[CheckpointCallback(every_n_steps=4, keep_last=None, save_best=False),
-                               MixedPrecision(torch.float16), GradientAccumulation(2), EarlyStopping(patience=5), CSVLogger()])
+    learn = make.learner(tmp_path)
     with redirect_stdout(io.StringIO()), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         learn.fit(3, resume=path)
